@@ -1,0 +1,24 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""pyaioctx: QEMU's event loop and block-I/O core, ported to Python.
+
+Every QEMU-named function of the contract is importable from here, with
+QEMU's argument order.  The Pythonic classes (``AioContext``, ``QEMUBH``,
+``EventNotifier``, ``QEMUTimer``, ...) are the same objects the flat
+functions take and return.
+
+Importing this package never fails on a system without Linux AIO or
+io_uring: those backends report "unavailable" with a reason when used.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .event_notifier import *  # noqa: F401,F403
+from .event_notifier import __all__ as _en_all
+from .timer import *  # noqa: F401,F403
+from .timer import __all__ as _timer_all
+from .aio import *  # noqa: F401,F403
+from .aio import __all__ as _aio_all
+
+__all__ = ["__version__", *_en_all, *_timer_all, *_aio_all]
