@@ -16,9 +16,9 @@ Some facts about io_uring that this module relies on
 * ``sq_entries`` is rounded up to a power of two; ``cq_entries`` is twice
   that by default.  Ring indexes are free-running ``u32`` counters, masked
   with ``ring_mask`` to find a slot, so every subtraction wraps at 2**32.
-* The SQ ring holds an *indirection array* of SQE indexes.  Like liburing we
-  fill it once with the identity mapping, so that submitting is nothing but
-  a store of the SQ tail.
+* The SQ ring holds an *indirection array* of SQE indexes.  We fill it
+  once with the identity mapping, as recent liburing does, so that
+  submitting is nothing but a store of the SQ tail.
 * Without ``IORING_SETUP_SQPOLL`` the kernel reads the SQ ring only inside
   ``io_uring_enter``, in the submitting thread.  Completions, on the other
   hand, are posted from whichever CPU finishes the I/O (interrupt context,
@@ -409,10 +409,12 @@ else:  # pragma: no cover - non-Linux
 
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _U64 = 0xFFFFFFFFFFFFFFFF
-_PROT_RW = _mmapmod.PROT_READ | _mmapmod.PROT_WRITE
+# getattr: the mmap module lacks these names off POSIX, and importing this
+# module must never fail.
+_PROT_RW = getattr(_mmapmod, "PROT_READ", 1) | getattr(_mmapmod, "PROT_WRITE", 2)
 # MAP_POPULATE pre-faults the rings so the first completions do not take
 # page faults; liburing does the same.
-_MAP_FLAGS = _mmapmod.MAP_SHARED | getattr(_mmapmod, "MAP_POPULATE", 0)
+_MAP_FLAGS = getattr(_mmapmod, "MAP_SHARED", 1) | getattr(_mmapmod, "MAP_POPULATE", 0)
 
 _sqe_pack_into = _SQE.pack_into
 _cqe_unpack_from = _CQE.unpack_from
@@ -441,6 +443,13 @@ class Ring:
     once here, so :meth:`get_sqe`, the ``prep_*`` methods, :meth:`submit`,
     :meth:`cq_peek`, :meth:`cqe_at` and :meth:`cq_advance` allocate nothing
     but the small ints and tuples they return.
+
+    ``entries`` is rounded up to a power of two by the kernel; ``flags``
+    are ``IORING_SETUP_*`` bits (``SQE128``, ``CQE32`` and ``NO_SQARRAY``
+    are refused because the layouts here assume 64-byte SQEs, 16-byte CQEs
+    and an SQ index array); ``cq_entries`` asks for a CQ ring of that size
+    (``IORING_SETUP_CQSIZE``); ``sq_thread_idle`` is the SQPOLL thread's idle
+    time in milliseconds.
 
     Not thread-safe: one owner (QEMU: the AioContext that the LuringState is
     attached to) drives submission and completion.  SQE indexes returned by
@@ -546,9 +555,9 @@ class Ring:
         self._cq_mask = cq32[co.ring_mask // 4]
 
         # Identity SQ index array: slot i of the array always names SQE i,
-        # so publishing SQEs is a single store of the SQ tail (liburing
-        # does this too since 2.2).  SQEs are handed out in tail order, so
-        # array[tail & mask] == tail & mask is exactly the SQE prepared.
+        # so publishing SQEs is a single store of the SQ tail.  SQEs are
+        # handed out in tail order, so array[tail & mask] == tail & mask is
+        # exactly the SQE prepared.
         base = so.array // 4
         for i in range(p.sq_entries):
             sq32[base + i] = i
