@@ -20,5 +20,18 @@ from .timer import *  # noqa: F401,F403
 from .timer import __all__ as _timer_all
 from .aio import *  # noqa: F401,F403
 from .aio import __all__ as _aio_all
+from .coroutine import *  # noqa: F401,F403
+from .coroutine import __all__ as _coroutine_all
+from .aiocb import *  # noqa: F401,F403
+from .aiocb import __all__ as _aiocb_all
+from .thread_pool import *  # noqa: F401,F403
+from .thread_pool import __all__ as _thread_pool_all
+from .iov import *  # noqa: F401,F403
+from .iov import __all__ as _iov_all
+from .block.raw_aio import *  # noqa: F401,F403
+from .block.raw_aio import __all__ as _raw_aio_all
+from .block.linux_aio import *  # noqa: F401,F403
+from .block.linux_aio import __all__ as _linux_aio_all
 
-__all__ = ["__version__", *_en_all, *_timer_all, *_aio_all]
+__all__ = ["__version__", *_en_all, *_timer_all, *_aio_all, *_coroutine_all, *_aiocb_all, *_thread_pool_all,
+           *_iov_all, *_raw_aio_all, *_linux_aio_all]

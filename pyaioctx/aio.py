@@ -47,7 +47,7 @@ from .event_notifier import (
     event_notifier_set,
     event_notifier_test_and_clear,
 )
-from .fdmon import EV_READ, EV_WRITE, FDMon, fdmon_new
+from .fdmon import EV_READ, EV_WRITE, FDMon, FDMonPoll, fdmon_new
 from .timer import (
     QEMU_CLOCK_REALTIME,
     QEMUTimer,
@@ -956,6 +956,26 @@ def aio_poll(ctx: AioContext, blocking: bool) -> bool:
             ctx._poll_owner = None
 
 
+def _fdmon_wait(ctx: AioContext, timeout: int) -> list[tuple[int, int]]:
+    """Wait on the context's fds; while external clients are disabled, on
+    the internal ones only.
+
+    Port of fdmon_epoll_wait's "Fall back while external clients are
+    disabled" and of fdmon_poll_wait, which leaves out nodes failing
+    aio_node_check.  Both monitors are level-triggered: a readable external
+    fd would otherwise end every blocking wait at once without its handler
+    being allowed to run, and aio_poll(ctx, True) would return early (and a
+    waiting loop would spin) for as long as the drained section lasts.
+    """
+    if not ctx.external_disable_cnt:
+        return ctx.fdmon.wait(timeout)
+    internal = FDMonPoll()
+    for fd, node in list(ctx._handlers.items()):
+        if node.events and not node.is_external:
+            internal.update(fd, 0, node.events)
+    return internal.wait(timeout)
+
+
 def _aio_poll(ctx: AioContext, blocking: bool) -> bool:
     ready: list = []
     poll_max_ns = ctx.poll_max_ns
@@ -987,7 +1007,7 @@ def _aio_poll(ctx: AioContext, blocking: bool) -> bool:
         len(handlers) > 1 and not (polled and len(ctx._poll_list) >= len(handlers))
     ):
         try:
-            events = ctx.fdmon.wait(timeout)
+            events = _fdmon_wait(ctx, timeout)
         finally:
             if use_notify_me:
                 ctx.notify_me -= 2

@@ -52,7 +52,14 @@ class AIOCBInfo:
                  cancel_async: Optional[Callable[["BlockAIOCB"], None]] = None,
                  get_aio_context: Optional[Callable[["BlockAIOCB"], Any]] = None,
                  name: str = "aiocb") -> None:
-        self.aiocb_type = aiocb_type or BlockAIOCB
+        if aiocb_type is None:
+            aiocb_type = BlockAIOCB
+        elif not (isinstance(aiocb_type, type) and issubclass(aiocb_type, BlockAIOCB)):
+            raise TypeError(f"aiocb_type must be a BlockAIOCB subclass, got {aiocb_type!r}")
+        for what, fn in (("cancel_async", cancel_async), ("get_aio_context", get_aio_context)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{what} must be callable or None, got {type(fn).__name__}")
+        self.aiocb_type = aiocb_type
         self.cancel_async = cancel_async
         self.get_aio_context = get_aio_context
         self.name = name
@@ -98,14 +105,22 @@ def qemu_aio_get(aiocb_info: AIOCBInfo, bs: Any, cb: BlockCompletionFunc | None,
     return aiocb_info.aiocb_type(aiocb_info, bs, cb, opaque)
 
 
+def _check_acb(acb: object) -> BlockAIOCB:
+    if not isinstance(acb, BlockAIOCB):
+        raise TypeError(f"expected a BlockAIOCB, got {type(acb).__name__}")
+    return acb
+
+
 def qemu_aio_ref(acb: BlockAIOCB) -> None:
-    """Port of ``qemu_aio_ref``."""
+    """Port of ``qemu_aio_ref``.  Referencing a freed AIOCB raises."""
+    if _check_acb(acb).refcnt <= 0:
+        raise RuntimeError(f"{acb!r}: qemu_aio_ref on a freed AIOCB")
     acb.refcnt += 1
 
 
 def qemu_aio_unref(acb: BlockAIOCB) -> None:
     """Port of ``qemu_aio_unref``.  Unref below zero is a bug and raises."""
-    if acb.refcnt <= 0:
+    if _check_acb(acb).refcnt <= 0:
         raise RuntimeError(f"{acb!r}: qemu_aio_unref on a freed AIOCB")
     acb.refcnt -= 1
 
@@ -132,9 +147,7 @@ def bdrv_aio_cancel(acb: BlockAIOCB) -> None:
     """
     from .aio import aio_poll
 
-    if not isinstance(acb, BlockAIOCB):
-        raise TypeError(f"expected a BlockAIOCB, got {type(acb).__name__}")
-    if acb.refcnt <= 0:
+    if _check_acb(acb).refcnt <= 0:
         return  # already completed and released: nothing to cancel
     qemu_aio_ref(acb)
     try:
@@ -146,10 +159,13 @@ def bdrv_aio_cancel(acb: BlockAIOCB) -> None:
 
 
 def bdrv_aio_cancel_async(acb: BlockAIOCB) -> None:
-    """Port of ``bdrv_aio_cancel_async``: request cancellation, return at once."""
-    if not isinstance(acb, BlockAIOCB):
-        raise TypeError(f"expected a BlockAIOCB, got {type(acb).__name__}")
-    if acb.refcnt <= 0:
+    """Port of ``bdrv_aio_cancel_async``: request cancellation, return at once.
+
+    The completion callback still runs exactly once, later, with
+    ``-ECANCELED`` or the real result.  A request that already completed is
+    left alone.
+    """
+    if _check_acb(acb).refcnt <= 0:
         return
     cancel = acb.aiocb_info.cancel_async
     if cancel is not None:

@@ -155,7 +155,11 @@ def event_notifier_get_wfd(e: EventNotifier) -> int:
 
 def event_notifier_set(e: EventNotifier) -> int:
     """Port of ``event_notifier_set``.  Any thread.  0, or ``-errno``."""
-    wfd = e.wfd
+    try:
+        wfd = e.wfd
+    except AttributeError:
+        # Checked here rather than up front: set is on every hot path.
+        raise TypeError(f"expected an EventNotifier, got {type(e).__name__}") from None
     if wfd < 0:
         return -errno.EBADF
     try:
@@ -169,7 +173,10 @@ def event_notifier_set(e: EventNotifier) -> int:
 
 def event_notifier_test_and_clear(e: EventNotifier) -> bool:
     """Port of ``event_notifier_test_and_clear``: drain, True if it was set."""
-    rfd = e.rfd
+    try:
+        rfd = e.rfd
+    except AttributeError:
+        raise TypeError(f"expected an EventNotifier, got {type(e).__name__}") from None
     if rfd < 0:
         return False
     value = False

@@ -127,6 +127,11 @@ class FDMonPoll:
             except KeyError:
                 pass
             return
+        if not old_events:
+            # poll() accepts any number and reports a closed fd as POLLNVAL
+            # on every wait, which would call its handler in a busy loop;
+            # refuse it up front with EBADF, as epoll_ctl(ADD) does.
+            os.fstat(fd)
         mask = (select.POLLIN if new_events & EV_READ else 0) | (
             select.POLLOUT if new_events & EV_WRITE else 0
         )

@@ -554,6 +554,11 @@ class AioRing:
             self.commit(n)
         return self.peek()
 
+    def has_events(self) -> bool:
+        """Cheap poll check: is any completion waiting (head != tail)?"""
+        hdr = self._hdr
+        return hdr[2] != hdr[3]
+
     def available(self) -> int:
         """Total completed, unconsumed events (both parts of a wrap)."""
         hdr = self._hdr
