@@ -1602,3 +1602,52 @@ def test_exception_in_callback_loses_no_work(ctx):
         aio_set_fd_handler(ctx, r, False, None, None)
         os.close(r)
         os.close(w)
+
+
+def test_nested_blocking_poll_does_not_block_on_outer_slice(ctx):
+    """A blocking aio_poll nested in a BH callback does not sleep while BHs
+    of the outer slice are still pending: it runs them at once
+    (aio_compute_timeout looks at every active slice)."""
+    ran: list[str] = []
+    nested: list = []
+
+    def make(name: str):
+        def cb(_) -> None:
+            ran.append(name)
+            if len(ran) == 1:
+                t0 = time.monotonic()
+                nested.append(poll_blocking(ctx, timeout=3.0))
+                nested.append(time.monotonic() - t0)
+        return cb
+
+    bhs = [aio_bh_new(ctx, make(n), None, name=n) for n in ("p", "q")]
+    drain(ctx)
+    for bh in bhs:
+        qemu_bh_schedule(bh)
+    assert aio_poll(ctx, False)
+    assert sorted(ran) == ["p", "q"]
+    assert nested[0] is True
+    assert nested[1] < 1.0
+    for bh in bhs:
+        qemu_bh_delete(bh)
+
+
+def test_unref_releases_fds():
+    """Contract 19: contexts leave no fd behind after aio_context_unref,
+    whatever their fd monitor."""
+    import os
+
+    def open_fds() -> set[str]:
+        return set(os.listdir("/proc/self/fd"))
+
+    before = open_fds()
+    ctxs = [AioContext(fdmon=m) for m in FDMONS for _ in range(3)]
+    for c in ctxs:
+        bh = aio_bh_new(c, lambda _: None, None)
+        qemu_bh_schedule(bh)
+        aio_poll(c, False)
+        qemu_bh_delete(bh)
+    assert len(open_fds()) > len(before)
+    for c in ctxs:
+        aio_context_unref(c)
+    assert open_fds() <= before

@@ -1040,8 +1040,14 @@ def _write_req_finish(bs: BlockDriverState, offset: int, bytes: int, ret: int) -
     # Port of bdrv_co_write_req_finish: every write, successful or not,
     # makes the next flush do real work.
     bs.write_gen += 1
-    if ret == 0 and offset + bytes > bs.acct.wr_highest_offset:
-        bs.acct.wr_highest_offset = offset + bytes
+    if ret == 0:
+        end = offset + bytes
+        if end > bs.acct.wr_highest_offset:
+            bs.acct.wr_highest_offset = end
+        if end > bs.total_bytes:
+            # Only a child node can be written past its end (its parent's
+            # padding); the parent shrinks it back afterwards.
+            bs.total_bytes = end
 
 
 def _aligned_pwritev(bs: BlockDriverState, req: _TrackedRequest, offset: int, bytes: int,

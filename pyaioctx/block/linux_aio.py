@@ -189,16 +189,21 @@ class LinuxAioState:
     ``ring``         user-space view of the completion ring.
     ``stats``        counters of syscalls made (submit calls, getevents
                      calls), for tests and benchmarks.
+    ``max_in_flight`` requests handed to the kernel at most (default:
+                     ``nr_events``, the seed's MAX_EVENTS rule).
     Every field: the attached context's home thread only.
     """
 
-    def __init__(self, nr_events: int = MAX_EVENTS) -> None:
+    def __init__(self, nr_events: int = MAX_EVENTS, max_in_flight: int | None = None) -> None:
+        if not isinstance(nr_events, int) or nr_events <= 0:
+            raise ValueError(f"nr_events must be a positive int, got {nr_events!r}")
         self.aio_context: Optional[AioContext] = None
         self.completion_bh = None
         self.event_idx = 0
         self.event_max = 0
         self.io_q = LaioQueue()
         self.nr_events = nr_events
+        self.max_in_flight = max_in_flight or nr_events
         self.closed = False
         # The completion handlers find the state through their notifier
         # (C's container_of).
@@ -216,15 +221,15 @@ class LinuxAioState:
         self.ring = aio_abi.AioRing(ctx_id)
         self.use_ring = self.ring.usable
         # Fallback path: events copied out by io_getevents (non-TSO CPUs).
-        self._events = aio_abi.io_event_array(nr_events)
+        self._events = aio_abi.io_event_array(max(nr_events, self.max_in_flight))
         self._events_u64 = memoryview(self._events).cast("B").cast("Q")
         self._events_s64 = memoryview(self._events).cast("B").cast("q")
-        self._iocbpp = aio_abi.iocb_ptr_array(nr_events)
+        self._iocbpp = aio_abi.iocb_ptr_array(self.max_in_flight)
         self._iocbpp_addr = _addressof(self._iocbpp)
         # iocb address -> request, for requests the kernel holds.
         self._by_addr: dict[int, QemuLaiocb] = {}
         # Free list of iocb structs: no ctypes allocation per request.
-        self._free_iocbs: list = [aio_abi.iocb() for _ in range(nr_events)]
+        self._free_iocbs: list = [aio_abi.iocb() for _ in range(self.max_in_flight)]
         self.submit_calls = 0
         self.getevents_calls = 0
 
@@ -348,7 +353,7 @@ def _process_completions_syscall(s: LinuxAioState) -> None:
     while True:
         if s.event_idx >= s.event_max:
             s.getevents_calls += 1
-            n = aio_abi.io_getevents_nowait(s.ctx_id, s.nr_events, s._events)
+            n = aio_abi.io_getevents_nowait(s.ctx_id, len(s._events), s._events)
             s.event_idx = 0
             s.event_max = n if n > 0 else 0
             if not s.event_max:
@@ -417,7 +422,7 @@ def _max_batch(s: LinuxAioState) -> int:
     """
     ctx = s.aio_context
     cap = ctx.aio_max_batch if ctx is not None else 0
-    room = s.nr_events - s.io_q.in_flight
+    room = s.max_in_flight - s.io_q.in_flight
     if cap and cap < room:
         return cap
     return room
@@ -428,7 +433,7 @@ def ioq_submit(s: LinuxAioState) -> None:
     io_q = s.io_q
     pending = io_q.pending
     iocbpp = s._iocbpp
-    nr_events = s.nr_events
+    nr_events = s.max_in_flight
     by_addr = s._by_addr
     while pending:
         if io_q.in_flight >= nr_events:
@@ -694,7 +699,7 @@ def _drain_for_cleanup(s: LinuxAioState) -> None:
         laiocb.ret = _ECANCELED
         _process_completion(laiocb)
     while io_q.in_flight > 0:
-        n = aio_abi.io_getevents(s.ctx_id, 1, s.nr_events, s._events, None)
+        n = aio_abi.io_getevents(s.ctx_id, 1, len(s._events), s._events, None)
         if n < 0:
             break
         for i in range(n):

@@ -1,0 +1,536 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""The generic block layer (block.c, block/io.c), run on every I/O backend.
+
+Invariants: data written at any offset and length reads back identically;
+overlapping unaligned writes never resurrect stale bytes; drain and close
+wait for every request; the synchronous API works from inside a completion
+callback; refused requests write nothing; a user driver works through
+bdrv_open exactly like the built-in ones.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from pyaioctx import (
+    QEMUIOVector,
+    aio_poll,
+    bdrv_aio_cancel,
+    qemu_get_aio_context,
+    qemu_iovec_init_buf,
+    qemu_coroutine_create,
+    qemu_coroutine_enter,
+)
+from pyaioctx.block import (
+    BDRV_O_RDWR,
+    BDRV_REQ_FUA,
+    BlockDriver,
+    BlockDriverState,
+    bdrv_aio_flush,
+    bdrv_aio_preadv,
+    bdrv_aio_pwritev,
+    bdrv_close,
+    bdrv_co_preadv,
+    bdrv_drain,
+    bdrv_flush,
+    bdrv_get_aio_context,
+    bdrv_get_stats,
+    bdrv_getlength,
+    bdrv_io_plug,
+    bdrv_io_unplug,
+    bdrv_open,
+    bdrv_pdiscard,
+    bdrv_pread,
+    bdrv_pwrite,
+    bdrv_pwrite_zeroes,
+    bdrv_register,
+    bdrv_truncate,
+    bdrv_unref,
+    bdrv_unregister,
+)
+from test_block_fixtures import aio_backend, make_image, open_image  # noqa: F401
+
+SIZE = 256 * 1024
+
+
+def _wait(cond, limit: int = 100000) -> None:
+    ctx = qemu_get_aio_context()
+    n = 0
+    while not cond():
+        aio_poll(ctx, True)
+        n += 1
+        assert n < limit, "condition never became true"
+
+
+# --------------------------------------------------------------------------
+# Round trips
+
+def test_roundtrip_aligned_and_unaligned(disk_dir, aio_backend):
+    """Random data at aligned and unaligned offsets/lengths reads back."""
+    path = disk_dir / "img"
+    model = bytearray(make_image(path, SIZE))
+    rnd = random.Random(42)
+    cases = [(0, 4096), (4096, 8192), (512, 512), (1, 1), (511, 2), (4095, 4098),
+             (SIZE - 7, 7), (SIZE - 4096, 4096), (100, 0), (SIZE, 0)]
+    cases += [(rnd.randrange(SIZE - 20000), rnd.randrange(1, 20000)) for _ in range(40)]
+    with open_image(path, aio_backend) as bs:
+        for off, n in cases:
+            data = os.urandom(n)
+            assert bdrv_pwrite(bs, off, n, data) == 0
+            model[off:off + n] = data
+            o2, n2 = rnd.randrange(SIZE - 20000), rnd.randrange(20000)
+            buf = bytearray(n2)
+            assert bdrv_pread(bs, o2, n2, buf) == 0
+            assert buf == model[o2:o2 + n2]
+        full = bytearray(SIZE)
+        assert bdrv_pread(bs, 0, SIZE, full) == 0
+        assert full == model
+        assert bdrv_flush(bs) == 0
+        assert bdrv_getlength(bs) == SIZE
+    assert path.read_bytes() == model
+
+
+def test_roundtrip_aio_multi_iov(disk_dir, aio_backend):
+    """Vectored callback requests with unaligned pieces and aligned buffers."""
+    from pyaioctx.block import qemu_blockalign
+
+    path = disk_dir / "img"
+    model = bytearray(make_image(path, SIZE))
+    with open_image(path, aio_backend) as bs:
+        a = qemu_blockalign(bs, 8192)
+        a[:] = os.urandom(8192)
+        b = bytearray(os.urandom(333))
+        qiov = QEMUIOVector(a, b)
+        done = []
+        bdrv_aio_pwritev(bs, 1000, qiov, 0, lambda o, r: done.append(r), None)
+        assert done == []  # never before the call returns
+        _wait(lambda: done)
+        assert done == [0]
+        model[1000:1000 + 8192] = bytes(a)
+        model[9192:9192 + 333] = b
+        r1, r2 = bytearray(5000), qemu_blockalign(bs, 4096)
+        rq = QEMUIOVector(r1, r2)
+        bdrv_aio_preadv(bs, 700, rq, 0, lambda o, r: done.append(r), None)
+        _wait(lambda: len(done) == 2)
+        assert done[1] == 0
+        assert bytes(r1) + bytes(r2) == model[700:700 + 9096]
+
+
+def test_concurrent_overlapping_unaligned_writes(disk_dir, aio_backend):
+    """Overlapping unaligned writes in flight together: every byte ends up
+    from one of the writes covering it, bytes no write covers are untouched
+    (no stale read-modify-write data written back)."""
+    path = disk_dir / "img"
+    orig = make_image(path, 64 * 1024)
+    rnd = random.Random(7)
+    writes = []
+    for i in range(48):
+        off = rnd.randrange(0, 60000)
+        n = rnd.randrange(1, 3000)
+        writes.append((off, bytes([i + 1]) * n))
+    with open_image(path, aio_backend) as bs:
+        results = []
+        for off, data in writes:
+            q = QEMUIOVector()
+            qemu_iovec_init_buf(q, bytearray(data))
+            bdrv_aio_pwritev(bs, off, q, 0, lambda o, r: results.append(r), None)
+        _wait(lambda: len(results) == len(writes))
+        assert results == [0] * len(writes)
+        final = bytearray(64 * 1024)
+        assert bdrv_pread(bs, 0, len(final), final) == 0
+    for pos in range(len(final)):
+        cover = {data[0] for off, data in writes if off <= pos < off + len(data)}
+        if cover:
+            assert final[pos] in cover, pos
+        else:
+            assert final[pos] == orig[pos], pos
+
+
+# --------------------------------------------------------------------------
+# Drain, nesting, plug
+
+def test_drain_waits_for_requests_in_flight(disk_dir, aio_backend):
+    """bdrv_drain returns only after every callback ran."""
+    path = disk_dir / "img"
+    make_image(path, SIZE)
+    bs = open_image(path, aio_backend)
+    done = []
+    for i in range(32):
+        q = QEMUIOVector(bytearray(os.urandom(4096)))
+        bdrv_aio_pwritev(bs, i * 4096, q, 0, lambda o, r: done.append(r), None)
+    bdrv_aio_flush(bs, lambda o, r: done.append(r), None)
+    assert bs.in_flight == 33
+    bdrv_drain(bs)
+    assert done == [0] * 33 and bs.in_flight == 0
+    bdrv_unref(bs)
+
+
+def test_close_drains_first(disk_dir, aio_backend):
+    path = disk_dir / "img"
+    make_image(path, SIZE)
+    bs = open_image(path, aio_backend)
+    done = []
+    for i in range(8):
+        bdrv_aio_preadv(bs, i * 512, QEMUIOVector(bytearray(512)), 0,
+                        lambda o, r: done.append(r), None)
+    bdrv_unref(bs)
+    assert done == [0] * 8
+    assert bs.closed and bdrv_getlength(bs) == -errno.ENOMEDIUM
+
+
+def test_sync_api_inside_completion_callback(disk_dir, aio_backend):
+    """The nested case: bdrv_pread/bdrv_pwrite/bdrv_flush called from a
+    completion callback complete (BDRV_POLL_WHILE nests aio_poll)."""
+    path = disk_dir / "img"
+    model = make_image(path, SIZE)
+    with open_image(path, aio_backend) as bs:
+        seen = []
+
+        def cb(opaque, ret):
+            buf = bytearray(1000)
+            assert bdrv_pread(bs, 123, 1000, buf) == 0
+            assert bytes(buf) == model[123:1123]
+            assert bdrv_pwrite(bs, 5, 3, b"xyz") == 0
+            assert bdrv_flush(bs) == 0
+            seen.append((opaque, ret))
+
+        bdrv_aio_preadv(bs, 0, QEMUIOVector(bytearray(4096)), 0, cb, "A")
+        _wait(lambda: seen)
+        assert seen == [("A", 0)]
+        buf = bytearray(3)
+        assert bdrv_pread(bs, 5, 3, buf) == 0 and buf == b"xyz"
+
+
+def test_sync_api_from_coroutine_calls_directly(disk_dir, aio_backend):
+    path = disk_dir / "img"
+    model = make_image(path, SIZE)
+    with open_image(path, aio_backend) as bs:
+        out = []
+
+        def entry(_):
+            buf = bytearray(10)
+            out.append(bdrv_pread(bs, 1, 10, buf))
+            out.append(bytes(buf))
+            q = QEMUIOVector(bytearray(7))
+            out.append(bdrv_co_preadv(bs, 3, 7, q, 0))
+            bdrv_drain(bs)
+            out.append("drained")
+
+        qemu_coroutine_enter(qemu_coroutine_create(entry, None))
+        _wait(lambda: len(out) == 4)
+        assert out == [0, model[1:11], 0, "drained"]
+
+
+def test_plug_unplug_batches(disk_dir, aio_backend):
+    path = disk_dir / "img"
+    make_image(path, SIZE)
+    with open_image(path, aio_backend) as bs:
+        done = []
+        bdrv_io_plug(bs)
+        for i in range(16):
+            bdrv_aio_pwritev(bs, i * 4096, QEMUIOVector(bytearray(4096)), 0,
+                             lambda o, r: done.append(r), None)
+        bdrv_drain(bs)  # drain submits plugged requests (unplugged section)
+        assert done == [0] * 16
+        bdrv_io_unplug(bs)
+        with pytest.raises(RuntimeError, match="not plugged"):
+            bdrv_io_unplug(bs)
+
+
+def test_fua_write_and_stats(disk_dir, aio_backend):
+    path = disk_dir / "img"
+    make_image(path, SIZE)
+    with open_image(path, aio_backend) as bs:
+        assert bdrv_pwrite(bs, 0, 4, b"abcd", BDRV_REQ_FUA) == 0
+        buf = bytearray(4)
+        assert bdrv_pread(bs, 0, 4, buf) == 0
+        assert bdrv_pread(bs, SIZE, 1, bytearray(1)) == -errno.EIO
+        assert bdrv_flush(bs) == 0
+        s = bdrv_get_stats(bs)
+        assert s == bs.stats()
+        assert (s.rd_operations, s.rd_bytes, s.wr_operations, s.wr_bytes) == (1, 4, 1, 4)
+        assert s.invalid_rd_operations == 1 and s.flush_operations == 1
+        assert s.rd_total_time_ns > 0 and s.wr_highest_offset == 4
+        with pytest.raises(Exception):
+            s.rd_bytes = 0  # frozen
+
+
+def test_aio_cancel_gets_exactly_one_callback(disk_dir, aio_backend):
+    path = disk_dir / "img"
+    make_image(path, SIZE)
+    with open_image(path, aio_backend) as bs:
+        done = []
+        acbs = [bdrv_aio_preadv(bs, i * 4096, QEMUIOVector(bytearray(4096)), 0,
+                                lambda o, r: done.append(o), i) for i in range(8)]
+        for a in acbs[::2]:
+            a.cancel_async()
+        bdrv_aio_cancel(acbs[1])
+        bdrv_drain(bs)
+        assert sorted(done) == list(range(8))
+
+
+# --------------------------------------------------------------------------
+# Bad input
+
+def test_bad_input_refused_nothing_written(disk_dir, aio_backend):
+    path = disk_dir / "img"
+    orig = make_image(path, SIZE)
+    with open_image(path, aio_backend) as bs:
+        assert bdrv_pwrite(bs, SIZE - 1, 2, b"zz") == -errno.EIO
+        assert bdrv_pwrite(bs, SIZE + 4096, 1, b"z") == -errno.EIO
+        assert bdrv_pwrite(bs, -1, 1, b"z") == -errno.EIO
+        assert bdrv_pread(bs, -512, 512, bytearray(512)) == -errno.EIO
+        assert bdrv_pwrite(bs, 0, -1, b"z") == -errno.EIO
+        assert bdrv_pwrite_zeroes(bs, SIZE - 10, 11) == -errno.EIO
+        assert bdrv_pdiscard(bs, SIZE, 1) == -errno.EIO
+        assert bdrv_truncate(bs, -1) == -errno.EINVAL
+        with pytest.raises(TypeError):
+            bdrv_pread(bs, "0", 1, bytearray(1))
+        with pytest.raises(TypeError):
+            bdrv_pread(bs, 0, 1, b"x")  # read-only buffer to read into
+        with pytest.raises(ValueError):
+            bdrv_pwrite(bs, 0, 10, b"short")
+        with pytest.raises(TypeError):
+            bdrv_aio_preadv(bs, 0, b"not a qiov", 0, lambda o, r: None, None)
+        with pytest.raises(TypeError):
+            bdrv_aio_preadv(bs, 0, QEMUIOVector(bytearray(1)), 0, "not callable", None)
+        with pytest.raises(Exception, match="coroutine"):
+            bdrv_co_preadv(bs, 0, 1, QEMUIOVector(bytearray(1)), 0)
+        # refused callback requests call back once with -errno
+        got = []
+        bdrv_aio_pwritev(bs, SIZE, QEMUIOVector(bytearray(1)), 0, lambda o, r: got.append(r), None)
+        assert got == []
+        _wait(lambda: got)
+        assert got == [-errno.EIO]
+        assert bdrv_getlength(bs) == SIZE
+        assert bs.stats().invalid_wr_operations >= 5
+    assert path.read_bytes() == orig
+
+
+def test_read_only_device(disk_dir, aio_backend):
+    path = disk_dir / "img"
+    orig = make_image(path, SIZE)
+    with open_image(path, aio_backend, flags=0) as bs:
+        assert bs.read_only
+        assert bdrv_pwrite(bs, 0, 1, b"x") == -errno.EPERM
+        assert bdrv_pwrite_zeroes(bs, 0, 512) == -errno.EPERM
+        assert bdrv_pdiscard(bs, 0, 512) == -errno.EPERM
+        assert bdrv_truncate(bs, 0) == -errno.EACCES
+        assert bdrv_flush(bs) == 0
+        buf = bytearray(10)
+        assert bdrv_pread(bs, 0, 10, buf) == 0 and buf == orig[:10]
+    with open_image(path, aio_backend, flags=BDRV_O_RDWR, **{"read-only": True}) as bs:
+        assert bdrv_pwrite(bs, 0, 1, b"x") == -errno.EPERM
+    assert path.read_bytes() == orig
+
+
+def test_closed_device(disk_dir, aio_backend):
+    path = disk_dir / "img"
+    make_image(path, 4096)
+    bs = open_image(path, aio_backend)
+    bdrv_close(bs)
+    bdrv_close(bs)  # idempotent
+    assert bdrv_pread(bs, 0, 1, bytearray(1)) == -errno.ENOMEDIUM
+    assert bdrv_pwrite(bs, 0, 1, b"x") == -errno.ENOMEDIUM
+    assert bdrv_flush(bs) == -errno.ENOMEDIUM
+    with pytest.raises(ValueError, match="no reference"):
+        bdrv_unref(bs)
+    with pytest.raises(OSError):
+        bs.read(0, 1)
+
+
+def test_unknown_driver_and_option():
+    with pytest.raises(ValueError, match="Unknown driver 'nope'"):
+        bdrv_open(None, {"driver": "nope"})
+    with pytest.raises(ValueError, match="doesn't support the option 'bogus'"):
+        bdrv_open(None, {"driver": "null-co", "bogus": 1})
+    with pytest.raises(ValueError, match="cache.direct"):
+        bdrv_open(None, {"driver": "null-co", "cache.direct": "maybe"})
+    with pytest.raises(ValueError, match="no 'driver'"):
+        bdrv_open(None, {})
+    with pytest.raises(TypeError):
+        bdrv_open(None, ["driver", "null-co"])
+
+
+# --------------------------------------------------------------------------
+# A user driver (README snippet)
+
+def test_user_driver_through_bdrv_open():
+    """A ~40-line RAM disk driver registered and opened like a built-in."""
+    from pyaioctx import BlockDriver, bdrv_register, bdrv_open, bdrv_pread, bdrv_pwrite
+
+    def ram_open(bs, options, flags):
+        size = options.pop("size", 1 << 20)
+        bs.opaque = bytearray(size)
+        return 0
+
+    def ram_getlength(bs):
+        return len(bs.opaque)
+
+    def ram_preadv(bs, offset, bytes, qiov, flags):
+        qiov.from_buf(0, bs.opaque[offset:offset + bytes])
+        return 0
+
+    def ram_pwritev(bs, offset, bytes, qiov, flags):
+        qiov.to_buf(0, memoryview(bs.opaque)[offset:offset + bytes])
+        return 0
+
+    def ram_flush(bs):
+        return 0
+
+    closed = []
+    drv = BlockDriver(format_name="ramdisk-test",
+                      bdrv_open=ram_open,
+                      bdrv_getlength=ram_getlength,
+                      bdrv_co_preadv=ram_preadv,
+                      bdrv_co_pwritev=ram_pwritev,
+                      bdrv_co_flush_to_disk=ram_flush,
+                      bdrv_close=lambda bs: closed.append(bs))
+    bdrv_register(drv)
+    try:
+        bs = bdrv_open(None, {"driver": "ramdisk-test", "size": 8192}, BDRV_O_RDWR)
+        assert bdrv_pwrite(bs, 100, 5, b"hello") == 0
+        buf = bytearray(5)
+        assert bdrv_pread(bs, 100, 5, buf) == 0 and buf == b"hello"
+        assert bdrv_pwrite(bs, 8190, 5, b"hello") == -errno.EIO  # checked before the driver
+        assert bdrv_flush(bs) == 0
+        assert bs.read(98, 9) == b"\0\0hello\0\0"
+        assert bdrv_get_aio_context(bs) is qemu_get_aio_context()
+        with pytest.raises(ValueError, match="doesn't support the option 'colour'"):
+            bdrv_open(None, {"driver": "ramdisk-test", "colour": "red"}, BDRV_O_RDWR)
+        bs.close()
+        assert closed == [bs]  # bdrv_close exactly once
+    finally:
+        bdrv_unregister(drv)
+
+
+def test_user_driver_with_alignment_gets_rmw():
+    """A driver that sets request_alignment only ever sees aligned requests."""
+    seen = []
+
+    def o(bs, options, flags):
+        bs.opaque = bytearray(16384)
+
+    def limits(bs):
+        bs.bl.request_alignment = 4096
+
+    def rd(bs, off, n, qiov, flags):
+        seen.append((off, n))
+        qiov.from_buf(0, bs.opaque[off:off + n])
+        return 0
+
+    def wr(bs, off, n, qiov, flags):
+        seen.append((off, n))
+        qiov.to_buf(0, memoryview(bs.opaque)[off:off + n])
+        return 0
+
+    drv = BlockDriver("aligned-test", bdrv_open=o, bdrv_refresh_limits=limits,
+                      bdrv_getlength=lambda bs: len(bs.opaque), bdrv_co_preadv=rd,
+                      bdrv_co_pwritev=wr)
+    bdrv_register(drv)
+    try:
+        with bdrv_open(None, {"driver": "aligned-test"}, BDRV_O_RDWR) as bs:
+            assert bdrv_pwrite(bs, 4000, 200, b"q" * 200) == 0
+            assert bs.read(3999, 202) == b"\0" + b"q" * 200 + b"\0"
+            assert all(off % 4096 == 0 and n % 4096 == 0 for off, n in seen)
+    finally:
+        bdrv_unregister(drv)
+
+
+# --------------------------------------------------------------------------
+# Model-based test
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("write"), st.integers(0, 70000), st.integers(0, 9000), st.integers(0, 255)),
+        st.tuples(st.just("read"), st.integers(0, 70000), st.integers(0, 9000)),
+        st.tuples(st.just("discard"), st.integers(0, 70000), st.integers(0, 9000)),
+        st.tuples(st.just("zero"), st.integers(0, 70000), st.integers(0, 9000)),
+        st.tuples(st.just("truncate"), st.integers(0, 80000)),
+        st.tuples(st.just("flush"),),
+    ),
+    max_size=25,
+)
+
+
+def test_model_random_operations(disk_dir, aio_backend):
+    """Random reads/writes/discards/write-zeroes/truncates against an
+    in-memory model; out-of-range requests must be refused and change nothing."""
+    counter = [0]
+
+    @settings(max_examples=20, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(_OPS)
+    def run(ops):
+        counter[0] += 1
+        path = disk_dir / f"m{counter[0]}"
+        model = bytearray(make_image(path, 65536))
+        with open_image(path, aio_backend, discard="unmap") as bs:
+            for op in ops:
+                kind = op[0]
+                if kind == "truncate":
+                    assert bdrv_truncate(bs, op[1]) == 0
+                    if op[1] < len(model):
+                        del model[op[1]:]
+                    else:
+                        model.extend(bytes(op[1] - len(model)))
+                    continue
+                if kind == "flush":
+                    assert bdrv_flush(bs) == 0
+                    continue
+                off, n = op[1], op[2]
+                fits = off + n <= len(model)
+                if kind == "write":
+                    data = bytes([op[3]]) * n
+                    ret = bdrv_pwrite(bs, off, n, data)
+                    if fits:
+                        model[off:off + n] = data
+                elif kind == "read":
+                    buf = bytearray(n)
+                    ret = bdrv_pread(bs, off, n, buf)
+                    if fits:
+                        assert buf == model[off:off + n]
+                elif kind == "discard":
+                    ret = bdrv_pdiscard(bs, off, n)
+                    if fits:
+                        model[off:off + n] = bytes(n)
+                else:
+                    ret = bdrv_pwrite_zeroes(bs, off, n)
+                    if fits:
+                        model[off:off + n] = bytes(n)
+                assert ret == (0 if fits else -errno.EIO), (op, len(model))
+                assert bdrv_getlength(bs) == len(model)
+            whole = bytearray(len(model))
+            assert bdrv_pread(bs, 0, len(model), whole) == 0
+            assert whole == model
+        assert path.read_bytes() == model
+        path.unlink()
+
+    run()
+
+
+# --------------------------------------------------------------------------
+# Python face
+
+def test_pythonic_face(disk_dir, aio_backend):
+    path = disk_dir / "img"
+    make_image(path, 8192)
+    with open_image(path, aio_backend) as bs:
+        assert isinstance(bs, BlockDriverState)
+        bs.write(10, b"abc")
+        assert bs.read(10, 3) == b"abc"
+        bs.write_zeroes(10, 2)
+        assert bs.read(10, 3) == b"\0\0c"
+        bs.flush()
+        bs.truncate(4096)
+        assert bs.length == 4096
+        with pytest.raises(OSError) as ei:
+            bs.write(4096, b"x")
+        assert ei.value.errno == errno.EIO
+        bs.drain()
+    assert bs.closed
