@@ -46,8 +46,8 @@ from pyaioctx import (
 
 # QEMU's test sleeps 2 s in long_cb and waits 1 s for workers to start;
 # scaled down to keep each test well under the per-test time budget.
-LONG_JOB_S = 0.5
-START_WAIT_S = 0.2
+LONG_JOB_S = 0.6
+START_WAIT_S = 0.3
 
 _atomic = threading.Lock()
 

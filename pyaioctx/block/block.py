@@ -1042,8 +1042,6 @@ def _write_req_finish(bs: BlockDriverState, offset: int, bytes: int, ret: int) -
     bs.write_gen += 1
     if ret == 0:
         end = offset + bytes
-        if end > bs.acct.wr_highest_offset:
-            bs.acct.wr_highest_offset = end
         if end > bs.total_bytes:
             # Only a child node can be written past its end (its parent's
             # padding); the parent shrinks it back afterwards.
@@ -1309,7 +1307,8 @@ def _do_pwrite_zeroes(bs: BlockDriverState, offset: int, bytes: int, flags: int)
             qemu_vfree(buf)
 
 
-def _account(bs: BlockDriverState, type: int, nbytes: int, fn: Callable[[], int]) -> int:
+def _account(bs: BlockDriverState, type: int, nbytes: int, fn: Callable[[], int],
+             end: int = 0) -> int:
     cookie = BlockAcctCookie()
     block_acct_start(bs.acct, cookie, nbytes, type)
     try:
@@ -1321,6 +1320,8 @@ def _account(bs: BlockDriverState, type: int, nbytes: int, fn: Callable[[], int]
         block_acct_failed(bs.acct, cookie)
     else:
         block_acct_done(bs.acct, cookie)
+        if end > bs.acct.wr_highest_offset:
+            bs.acct.wr_highest_offset = end  # the caller's range, not the padding
     return ret
 
 
@@ -1362,7 +1363,8 @@ def bdrv_co_pwritev_part(bs: BlockDriverState, offset: int, bytes: int, qiov: QE
         block_acct_invalid(bs.acct, BLOCK_ACCT_WRITE)
         return ret
     return _account(bs, BLOCK_ACCT_WRITE, bytes,
-                    lambda: _co_pwritev_part(bs, offset, bytes, qiov, qiov_offset, flags))
+                    lambda: _co_pwritev_part(bs, offset, bytes, qiov, qiov_offset, flags),
+                    offset + bytes)
 
 
 def bdrv_co_pwritev(bs: BlockDriverState, offset: int, bytes: int, qiov: QEMUIOVector,
@@ -1399,7 +1401,8 @@ def bdrv_co_pwrite_zeroes(bs: BlockDriverState, offset: int, bytes: int, flags: 
         return ret
     flags = (flags | BDRV_REQ_ZERO_WRITE) & ~BDRV_REQ_COPY_ON_READ
     return _account(bs, BLOCK_ACCT_WRITE, bytes,
-                    lambda: _co_pwritev_part(bs, offset, bytes, None, 0, flags))
+                    lambda: _co_pwritev_part(bs, offset, bytes, None, 0, flags),
+                    offset + bytes)
 
 
 # --------------------------------------------------------------------------
