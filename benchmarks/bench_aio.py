@@ -257,8 +257,12 @@ def timers_asyncio(n: int, spread_ns: int) -> float:
 # --------------------------------------------------------------------------
 # Adaptive polling
 
-def poll_latency(n: int, polling: bool, sender: str) -> list[int]:
-    """Ping-pong through an event notifier with io_poll; returns latencies (ns)."""
+def poll_latency(n: int, polling: bool, sender: str, gap_ns: int = 15_000) -> list[int]:
+    """Ping-pong through an event notifier with io_poll; returns latencies (ns).
+
+    The sender process waits ``gap_ns`` after each acknowledgement, so the
+    home thread is idle (polling, or blocked in epoll) when the work arrives.
+    """
     ctx = aio_context_new()
     if polling:
         aio_context_set_poll_params(ctx, 32000, 2, 2)
@@ -330,6 +334,10 @@ def poll_latency(n: int, polling: bool, sender: str) -> list[int]:
                 wfd = e.wfd
                 for _ in range(n):
                     os.read(ack_r, 1)
+                    # Let the home thread go idle (poll or block) first.
+                    t = _now() + gap_ns
+                    while _now() < t:
+                        pass
                     word[0] = _now()
                     os.write(wfd, ONE)
             finally:
