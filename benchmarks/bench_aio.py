@@ -23,11 +23,16 @@ Cases (each repeated ``--repeat`` times; the best round is reported):
   versus on (``aio_context_set_poll_params(ctx, 32000, 2, 2)``).  The
   sender is another thread of this process (it needs the GIL to publish)
   or a forked process writing shared memory (it does not), the way a guest
-  vCPU or the kernel feeds a QEMU iothread.
+  vCPU or the kernel feeds a QEMU iothread.  The process sender waits 15 us
+  after each acknowledgement (so the home thread is idle when work arrives)
+  and runs pinned to another CPU than the home thread.
 
 Usage::
 
     python benchmarks/bench_aio.py [--quick] [--repeat R] [--only CASE,...]
+
+Rounds of a case and its peer are interleaved; best-of-R is reported
+(highest rate, lowest p50 and p99 separately) along with the spread.
 """
 
 from __future__ import annotations
@@ -321,6 +326,10 @@ def poll_latency(n: int, polling: bool, sender: str, gap_ns: int = 15_000) -> li
         handle()
 
     aio_set_event_notifier(ctx, e, False, io_read, io_poll, io_poll_ready)
+    # Home thread and sender process on different CPUs, when there are two:
+    # a spinning sender must not take the poller's CPU.
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    pin = (cpus[0], cpus[1]) if sender == "process" and len(cpus) >= 2 else None
 
     if th is not None:
         th.start()
@@ -331,6 +340,8 @@ def poll_latency(n: int, polling: bool, sender: str, gap_ns: int = 15_000) -> li
         pid = os.fork()
         if pid == 0:  # the sender process
             try:
+                if pin:
+                    os.sched_setaffinity(0, {pin[1]})
                 wfd = e.wfd
                 for _ in range(n):
                     os.read(ack_r, 1)
@@ -342,9 +353,16 @@ def poll_latency(n: int, polling: bool, sender: str, gap_ns: int = 15_000) -> li
                     os.write(wfd, ONE)
             finally:
                 os._exit(0)
+        if pin:
+            saved = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, {pin[0]})
         os.write(ack_w, b"x")
-        while len(lat) < n:
-            aio_poll(ctx, True)
+        try:
+            while len(lat) < n:
+                aio_poll(ctx, True)
+        finally:
+            if pin:
+                os.sched_setaffinity(0, saved)
         os.waitpid(pid, 0)
         os.close(ack_r)
         os.close(ack_w)
@@ -358,21 +376,6 @@ def poll_latency(n: int, polling: bool, sender: str, gap_ns: int = 15_000) -> li
 
 # --------------------------------------------------------------------------
 # Driver
-
-def _best_rate(fn, repeat: int) -> tuple[float, list[float]]:
-    rates = [fn() for _ in range(repeat)]
-    return max(rates), rates
-
-
-def _best_lat(fn, repeat: int) -> tuple[float, float, list[float]]:
-    """(best p50 us, best p99 us, all p50s)."""
-    p50s, p99s = [], []
-    for _ in range(repeat):
-        lat = sorted(fn())
-        p50s.append(_pct(lat, 0.50))
-        p99s.append(_pct(lat, 0.99))
-    return min(p50s), min(p99s), p50s
-
 
 def machine() -> str:
     model = "?"
@@ -409,8 +412,12 @@ def main() -> None:
     rows = []
 
     def rate_row(case: str, n: int, ours, peer, peer_name: str) -> None:
-        b_ours, r_ours = _best_rate(ours, repeat)
-        b_peer, r_peer = _best_rate(peer, repeat)
+        # Rounds interleaved, so both sides see the same background load.
+        r_ours, r_peer = [], []
+        for _ in range(repeat):
+            r_ours.append(ours())
+            r_peer.append(peer())
+        b_ours, b_peer = max(r_ours), max(r_peer)
         ratio = b_ours / b_peer
         rows.append((case, n, f"{b_ours:,.0f}/s", f"{b_peer:,.0f}/s", peer_name, f"{ratio:.2f}x",
                      "yes" if ratio >= 1.0 else "no"))
@@ -418,10 +425,15 @@ def main() -> None:
         print(f"{case:16s} n={n:<7d} pyaioctx {b_ours:12,.0f}/s  {peer_name} {b_peer:12,.0f}/s"
               f"  ratio {ratio:.2f}x   (rounds: {spread(r_ours)} vs {spread(r_peer)})", flush=True)
 
-    def lat_row(case: str, n: int, ours, peer, ours_name: str, peer_name: str,
-                higher_is_worse: bool = True) -> None:
-        o50, o99, op = _best_lat(ours, repeat)
-        p50, p99, pp = _best_lat(peer, repeat)
+    def lat_row(case: str, n: int, ours, peer, ours_name: str, peer_name: str) -> None:
+        o50s, o99s, p50s, p99s = [], [], [], []
+        for _ in range(repeat):  # interleaved, as above
+            for fn, a50, a99 in ((ours, o50s, o99s), (peer, p50s, p99s)):
+                lat = sorted(fn())
+                a50.append(_pct(lat, 0.50))
+                a99.append(_pct(lat, 0.99))
+        o50, o99, op = min(o50s), min(o99s), o50s
+        p50, p99, pp = min(p50s), min(p99s), p50s
         ratio = p50 / o50  # >1: ours is faster
         rows.append((case, n, f"p50 {o50:.1f} / p99 {o99:.1f} us", f"p50 {p50:.1f} / p99 {p99:.1f} us",
                      peer_name, f"{ratio:.2f}x", "yes" if ratio >= 1.0 else "no"))

@@ -7,9 +7,15 @@
   (default 1, 32, 128):
   - ``pyaioctx cb``: ``laio_submit`` with the completion callback submitting
     the next request, so QD requests stay in flight; the loop is
-    ``aio_poll(ctx, True)``.  At QD > 1 the submissions made by one batch of
-    completions are grouped with ``laio_io_plug`` / ``laio_io_unplug`` around
-    each ``aio_poll`` (one io_submit per batch, as virtio-blk does);
+    ``aio_poll(ctx, True)``.  The first QD requests are submitted between
+    ``laio_io_plug`` / ``laio_io_unplug`` (one io_submit); after that the
+    driver itself submits what one batch of completion callbacks queued in
+    one io_submit;
+  - ``pyaioctx cb plug/poll`` (QD > 1): the same with ``laio_io_plug`` /
+    ``laio_io_unplug`` also around every ``aio_poll`` (as virtio-blk plugs
+    around a virtqueue's requests).  Note that at QD = ``MAX_EVENTS`` a
+    plugged queue is flushed request by request (the seed's rule: a full
+    kernel queue forces the submit);
   - ``pyaioctx co``: QD coroutines, each looping on ``laio_co_submit``;
   - ``pyaioctx cb+poll`` (QD 1 only): the callback path with adaptive
     polling on (``aio_context_set_poll_params(ctx, 32000, 2, 2)``), which
@@ -176,39 +182,55 @@ def run_pyaioctx_cb(path: str, direct: bool, qd: int, runtime: float, offs: Offs
     _, qiovs = _buffers(qd)
     table = offs.sectors
     mask = offs.mask
-    st = [0, False, 0]  # completed, stop, offset cursor
+    # completed, stop, offset cursor, (requests, seconds, cpu) at the stop
+    st = [0, False, 0, None]
     errors = []
+    clock = time.perf_counter
+
+    def stop() -> None:
+        st[1] = True
+        st[3] = (st[0], clock(), _cpu())
 
     def cb(i: int, ret: int) -> None:
         if ret < 0:
             errors.append(ret)
         st[0] += 1
         if not st[1]:
+            # The deadline is checked here too: with completions arriving
+            # all the time, one aio_poll may run for long.
+            if clock() >= deadline:
+                stop()
+                return
             k = st[2] = (st[2] + 1) & mask
             laio_submit(None, s, fd, table[k], qiovs[i], SECTORS, cb, i, QEMU_AIO_READ)
 
     if poll:
         aio_context_set_poll_params(ctx, 32000, 2, 2)
     try:
-        clock = time.perf_counter
         t0 = clock()
         c0 = _cpu()
         deadline = t0 + runtime
+        # The first QD requests go out in one io_submit.
+        laio_io_plug(None, s)
         for i in range(qd):
             st[2] = (st[2] + 1) & mask
             laio_submit(None, s, fd, table[st[2]], qiovs[i], SECTORS, cb, i, QEMU_AIO_READ)
+        laio_io_unplug(None, s)
         if plug:
-            while clock() < deadline:
+            while not st[1]:
                 laio_io_plug(None, s)
                 aio_poll(ctx, True)
                 laio_io_unplug(None, s)
+                if clock() >= deadline and not st[1]:
+                    stop()
         else:
-            while clock() < deadline:
+            while not st[1]:
                 aio_poll(ctx, True)
-        n = st[0]
-        dt = clock() - t0
-        cpu = _cpu() - c0
-        st[1] = True
+                if clock() >= deadline and not st[1]:
+                    stop()
+        n, t1, c1 = st[3]
+        dt = t1 - t0
+        cpu = c1 - c0
         while s.io_q.in_flight or s.io_q.in_queue:
             aio_poll(ctx, True)
     finally:
@@ -228,8 +250,14 @@ def run_pyaioctx_co(path: str, direct: bool, qd: int, runtime: float,
     _, qiovs = _buffers(qd)
     table = offs.bytes
     mask = offs.mask
-    st = [0, False, 0, 0]  # completed, stop, offset cursor, coroutines running
+    # completed, stop, offset cursor, coroutines running, (n, s, cpu) at the stop
+    st = [0, False, 0, 0, None]
     errors = []
+    clock = time.perf_counter
+
+    def stop() -> None:
+        st[1] = True
+        st[4] = (st[0], clock(), _cpu())
 
     def worker(i: int) -> None:
         qiov = qiovs[i]
@@ -240,21 +268,26 @@ def run_pyaioctx_co(path: str, direct: bool, qd: int, runtime: float,
             if ret < 0:
                 errors.append(ret)
             st[0] += 1
+            if clock() >= deadline and not st[1]:
+                stop()
         st[3] -= 1
 
     try:
-        clock = time.perf_counter
         t0 = clock()
         c0 = _cpu()
         deadline = t0 + runtime
+        # The first QD requests go out in one io_submit.
+        laio_io_plug(None, s)
         for i in range(qd):
             qemu_coroutine_enter(qemu_coroutine_create(worker, i))
-        while clock() < deadline:
+        laio_io_unplug(None, s)
+        while not st[1]:
             aio_poll(ctx, True)
-        n = st[0]
-        dt = clock() - t0
-        cpu = _cpu() - c0
-        st[1] = True
+            if clock() >= deadline and not st[1]:
+                stop()
+        n, t1, c1 = st[4]
+        dt = t1 - t0
+        cpu = c1 - c0
         while st[3]:
             aio_poll(ctx, True)
     finally:
@@ -369,7 +402,7 @@ def run_caio_raw(path: str, qd: int, runtime: float, offs: Offsets) -> tuple[int
     table = offs.bytes
     mask = offs.mask
     cctx = Context(max_requests=qd)
-    st = [0, False, 0]
+    st = [0, False, 0, 0]  # completed, stop, offset cursor, submitted
     read = Operation.read
     submit = cctx.submit
 
@@ -379,7 +412,7 @@ def run_caio_raw(path: str, qd: int, runtime: float, offs: Offsets) -> tuple[int
             k = st[2] = (st[2] + 1) & mask
             op = read(BS, fd, table[k])
             op.set_callback(cb)
-            submit(op)
+            st[3] += submit(op)
 
     clock = time.perf_counter
     t0 = clock()
@@ -389,7 +422,7 @@ def run_caio_raw(path: str, qd: int, runtime: float, offs: Offsets) -> tuple[int
         k = st[2] = (st[2] + 1) & mask
         op = read(BS, fd, table[k])
         op.set_callback(cb)
-        submit(op)
+        st[3] += submit(op)
     process = cctx.process_events
     done_before_stop = 0
     while True:
@@ -400,10 +433,9 @@ def run_caio_raw(path: str, qd: int, runtime: float, offs: Offsets) -> tuple[int
     dt = clock() - t0
     cpu = _cpu() - c0
     st[1] = True
-    # Drain what is still in flight (the adapter's own requests run to the end).
-    t_end = clock() + 2.0
-    while clock() < t_end and process(qd, 0, 0.05):
-        pass
+    # Drain what is still in flight: every request completes once.
+    while st[0] < st[3]:
+        process(qd, 1, 1)
     os.close(fd)
     return done_before_stop, dt, cpu
 
@@ -459,13 +491,13 @@ def main() -> None:
     cases = []  # (group, qd, name, fn)
     for qd in qds:
         cases.append(("direct", qd, "pyaioctx cb",
-                      lambda qd=qd: run_pyaioctx_cb(path, True, qd, runtime, offs, plug=qd > 1)))
+                      lambda qd=qd: run_pyaioctx_cb(path, True, qd, runtime, offs)))
         if qd == 1:
             cases.append(("direct", qd, "pyaioctx cb+poll",
                           lambda qd=qd: run_pyaioctx_cb(path, True, qd, runtime, offs, poll=True)))
         else:
-            cases.append(("direct", qd, "pyaioctx cb noplug",
-                          lambda qd=qd: run_pyaioctx_cb(path, True, qd, runtime, offs)))
+            cases.append(("direct", qd, "pyaioctx cb plug/poll",
+                          lambda qd=qd: run_pyaioctx_cb(path, True, qd, runtime, offs, plug=True)))
         cases.append(("direct", qd, "pyaioctx co",
                       lambda qd=qd: run_pyaioctx_co(path, True, qd, runtime, offs)))
         if have_fio:
@@ -473,9 +505,9 @@ def main() -> None:
         cases.append(("direct", qd, "libaio", lambda qd=qd: run_libaio(path, qd, runtime, offs)))
     cq = args.cache_qd
     cases.append(("cache", cq, "pyaioctx cb",
-                  lambda: run_pyaioctx_cb(path, False, cq, runtime, offs, plug=True)))
-    cases.append(("cache", cq, "pyaioctx cb noplug",
                   lambda: run_pyaioctx_cb(path, False, cq, runtime, offs)))
+    cases.append(("cache", cq, "pyaioctx cb plug/poll",
+                  lambda: run_pyaioctx_cb(path, False, cq, runtime, offs, plug=True)))
     cases.append(("cache", cq, "pyaioctx co", lambda: run_pyaioctx_co(path, False, cq, runtime, offs)))
     cases.append(("cache", cq, "caio asyncio", lambda: run_caio_asyncio(path, cq, runtime, offs)))
     cases.append(("cache", cq, "caio raw", lambda: run_caio_raw(path, cq, runtime, offs)))

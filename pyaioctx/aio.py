@@ -905,7 +905,15 @@ def _try_poll_mode(ctx: AioContext, ready: list, timeout: int) -> tuple[bool, in
 
 
 def _dispatch_handler(ctx: AioContext, node: AioHandler, revents: int, poll_ready: bool) -> bool:
-    """Port of ``aio_dispatch_handler``."""
+    """Port of ``aio_dispatch_handler``.
+
+    Deviation: a read or poll-ready handler that returns ``False`` (exactly)
+    did no work, and does not count as progress.  QEMU's handlers return
+    void; ours may say "spurious wake-up" -- the Linux AIO and io_uring
+    completion handlers do when their eventfd fired for completions that
+    had already been reaped from the ring.  Handlers returning None (every
+    handler written to QEMU's signature) count as progress, as in QEMU.
+    """
     if node.deleted:
         return False
     if node.is_external and ctx.external_disable_cnt:
@@ -923,18 +931,17 @@ def _dispatch_handler(ctx: AioContext, node: AioHandler, revents: int, poll_read
             node.in_poll_list = False
             ctx._poll_list.remove(node)
         try:
-            node.io_poll_ready(node.opaque)
+            did = node.io_poll_ready(node.opaque)
         finally:
             if not node.deleted and not node.in_poll_list:
                 node.in_poll_list = True
                 ctx._poll_list.append(node)
         # aio_notify() does not count as progress
-        return node.opaque is not ctx.notifier
+        return did is not False and node.opaque is not ctx.notifier
     progress = False
     if revents & EV_READ and node.io_read:
-        node.io_read(node.opaque)
         # aio_notify() does not count as progress
-        if node.opaque is not ctx.notifier:
+        if node.io_read(node.opaque) is not False and node.opaque is not ctx.notifier:
             progress = True
     if revents & EV_WRITE and node.io_write and not node.deleted:
         node.io_write(node.opaque)

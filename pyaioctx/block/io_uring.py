@@ -408,13 +408,24 @@ def _luring_complete(s: LuringState, luringcb: LuringAIOCB, ret: int) -> None:
     _luring_finish(luringcb)
 
 
-def _process_completions(s: LuringState) -> None:
+def _process_completions(s: LuringState, clear: bool = False) -> None:
     """Port of ``luring_process_completions``: the re-entrant walk.
 
     Request completion callbacks can run a nested event loop.  Schedule the
     BH so the nested loop "sees" the remaining completed requests and
     processes them; without this, callbacks that wait for other requests in
     a nested event loop would hang forever (the eventfd was already read).
+
+    The eventfd is consumed *after* the ring is drained, when the walk
+    reaped something (or ``clear``: the eventfd fired), and the ring is
+    checked again after that.  Most completions are posted by task work
+    that runs when our own thread leaves a system call -- the eventfd read
+    included -- so clearing first would leave a count for CQEs this walk
+    then reaps, and a later ``aio_poll(ctx, False)`` would report progress
+    that is not there.  Clearing after, then re-checking, loses no wake-up:
+    a CQE posted before the re-check is reaped, one posted after it sets
+    the eventfd again.  QEMU polls the ring fd instead, which has no such
+    count.
     """
     bh = s.completion_bh
     qemu_bh_schedule(bh)
@@ -426,12 +437,15 @@ def _process_completions(s: LuringState) -> None:
         # kernel's stores (see io_uring_abi's module docstring).
         s.getevents_calls += 1
         ring.get_events(0)
+    e = s.e
+    reaped = 0
     s._walk_depth += 1
     try:
         while True:
             # reap() releases each CQE before yielding it, and rereads the
             # head every time: a nested walk continues where we are.
             for user_data, res, _flags in ring.reap():
+                reaped += 1
                 ent = by_id.pop(user_data, None)
                 if ent is None:
                     continue  # pragma: no cover - every SQE we make is registered
@@ -448,6 +462,12 @@ def _process_completions(s: LuringState) -> None:
                 ring.get_events(0)
                 if ring.cq_peek():
                     continue
+            if reaped or clear:
+                event_notifier_test_and_clear(e)
+                reaped = 0
+                clear = False
+                if ring.cq_peek():
+                    continue
             break
     finally:
         s._walk_depth -= 1
@@ -459,9 +479,9 @@ def _process_completions(s: LuringState) -> None:
     qemu_bh_cancel(bh)
 
 
-def _process_completions_and_submit(s: LuringState) -> None:
+def _process_completions_and_submit(s: LuringState, clear: bool = False) -> None:
     """Port of ``luring_process_completions_and_submit``."""
-    _process_completions(s)
+    _process_completions(s, clear)
     io_q = s.io_q
     if not io_q.plugged and io_q.in_queue > 0:
         ioq_submit(s)
@@ -470,24 +490,19 @@ def _process_completions_and_submit(s: LuringState) -> None:
 
 
 def _completion_bh(s: LuringState) -> None:
-    """Port of ``qemu_luring_completion_bh``.
-
-    Also consumes the eventfd's count: the BH runs when a walk was nested or
-    interrupted, and completions it reaps must not leave a stale wake-up
-    that would make a later non-blocking aio_poll report progress.
-    """
-    event_notifier_test_and_clear(s.e)
+    """Port of ``qemu_luring_completion_bh``."""
     _process_completions_and_submit(s)
 
 
 def _completion_cb(e: EventNotifier) -> None:
     """Port of ``qemu_luring_completion_cb``: the eventfd fired.
 
-    The ring is drained whatever the eventfd read returned (a wake-up whose
-    count was consumed must still look at the ring).
+    The ring is drained, then the eventfd is consumed (see
+    :func:`_process_completions` for why in that order); a wake-up that
+    finds the ring empty still consumes it, or the level-triggered eventfd
+    would fire again at once.
     """
-    event_notifier_test_and_clear(e)
-    _process_completions_and_submit(e.owner)  # type: ignore[attr-defined]
+    _process_completions_and_submit(e.owner, True)  # type: ignore[attr-defined]
 
 
 def _poll_cb(e: EventNotifier) -> bool:

@@ -156,7 +156,12 @@ class QemuLaiocb(BlockAIOCB):
                  "done")
 
     def __init__(self, aiocb_info: AIOCBInfo, bs: Any, cb: Any, opaque: Any) -> None:
-        BlockAIOCB.__init__(self, aiocb_info, bs, cb, opaque)
+        # BlockAIOCB.__init__, inlined: one object per request.
+        self.aiocb_info = aiocb_info
+        self.bs = bs
+        self.cb = cb
+        self.opaque = opaque
+        self.refcnt = 1
         self.co = None
         self.state: Optional[LinuxAioState] = None
         self.iocb = None
@@ -201,6 +206,8 @@ class LinuxAioState:
         self.completion_bh = None
         self.event_idx = 0
         self.event_max = 0
+        # Completion walks running (nested ones included).
+        self.walk_depth = 0
         self.io_q = LaioQueue()
         self.nr_events = nr_events
         self.max_in_flight = max_in_flight or nr_events
@@ -297,7 +304,11 @@ def _process_completion(laiocb: QemuLaiocb) -> None:
             _aio_co_wake(co)
     else:
         laiocb.cb(laiocb.opaque, ret)
-        qemu_aio_unref(laiocb)
+        # qemu_aio_unref, inlined (it raises on a freed AIOCB).
+        if laiocb.refcnt > 0:
+            laiocb.refcnt -= 1
+        else:
+            qemu_aio_unref(laiocb)
 
 
 def _process_completions(s: LinuxAioState) -> None:
@@ -305,38 +316,61 @@ def _process_completions(s: LinuxAioState) -> None:
     bh = s.completion_bh
     # Reschedule so nested event loops see currently pending completions.
     qemu_bh_schedule(bh)
-    if s.use_ring:
-        ring = s.ring
-        u64 = ring.u64
-        s64 = ring.s64
-        by_addr = s._by_addr
-        free = s._free_iocbs
-        io_q = s.io_q
-        while True:
-            head, n = ring.advance_and_peek(s.event_idx)
-            s.event_max = n
-            if not n:
-                break
-            s.event_idx = 0
-            base = head * 4
-            while s.event_idx < s.event_max:
-                b = base + 4 * s.event_idx
-                laiocb = by_addr.pop(u64[b + 1])
-                laiocb.ret = s64[b + 2]
-                free.append(laiocb.iocb)
-                laiocb.iocb = None
-                # Change counters one-by-one because we can be nested.
-                io_q.in_flight -= 1
-                s.event_idx += 1
-                _process_completion(laiocb)
-    else:
-        _process_completions_syscall(s)
+    s.walk_depth += 1
+    try:
+        if s.use_ring:
+            _walk_ring(s)
+        else:
+            _process_completions_syscall(s)
+    finally:
+        s.walk_depth -= 1
     qemu_bh_cancel(bh)
     # If we are nested we have to notify the level above that we are done
     # by setting event_max to zero; the upper level then leaves its own
     # loop.  If we are the last, all counters dropped to zero.
     s.event_max = 0
     s.event_idx = 0
+
+
+def _walk_ring(s: LinuxAioState) -> None:
+    """The walk over the user-space ring (the seed's peek/commit loop).
+
+    Between batches it submits what the callbacks of the batch queued, in
+    one io_submit (see :func:`_submit_deferred`), before peeking again.
+    """
+    ring = s.ring
+    u64 = ring.u64
+    s64 = ring.s64
+    # AioRing.commit / AioRing.peek, inlined (same loads, same order).
+    hdr = ring._hdr
+    nr = ring.nr
+    by_addr = s._by_addr
+    free = s._free_iocbs
+    io_q = s.io_q
+    while True:
+        idx = s.event_idx
+        if idx:
+            hdr[2] = (hdr[2] + idx) % nr
+            s.event_idx = 0
+        if io_q.pending:
+            _submit_deferred(s)
+        head = hdr[2] % nr
+        tail = hdr[3] % nr  # loaded before the events it covers
+        n = tail - head if tail >= head else nr - head
+        s.event_max = n
+        if not n:
+            break
+        base = head * 4
+        while s.event_idx < s.event_max:
+            b = base + 4 * s.event_idx
+            laiocb = by_addr.pop(u64[b + 1])
+            laiocb.ret = s64[b + 2]
+            free.append(laiocb.iocb)
+            laiocb.iocb = None
+            # Change counters one-by-one because we can be nested.
+            io_q.in_flight -= 1
+            s.event_idx += 1
+            _process_completion(laiocb)
 
 
 def _process_completions_syscall(s: LinuxAioState) -> None:
@@ -352,6 +386,8 @@ def _process_completions_syscall(s: LinuxAioState) -> None:
     io_q = s.io_q
     while True:
         if s.event_idx >= s.event_max:
+            if io_q.pending:
+                _submit_deferred(s)
             s.getevents_calls += 1
             n = aio_abi.io_getevents_nowait(s.ctx_id, len(s._events), s._events)
             s.event_idx = 0
@@ -367,6 +403,26 @@ def _process_completions_syscall(s: LinuxAioState) -> None:
             io_q.in_flight -= 1
             s.event_idx += 1
             _process_completion(laiocb)
+
+
+def _submit_deferred(s: LinuxAioState) -> None:
+    """Submit, between two batches of a completion walk, what it queued.
+
+    Requests submitted by completion callbacks are queued while a walk runs
+    (later QEMU brackets the walk with defer_call_begin/end for the same
+    reason): one io_submit per batch instead of one per request, and no
+    walk nested inside every submitting callback.  The walk peeks the ring
+    right after, so requests that completed inside io_submit are picked up
+    by the same loop.  A user plug is respected, and a queue blocked by
+    -EAGAIN is left to :func:`_process_completions_and_submit`.
+    """
+    io_q = s.io_q
+    if io_q.plugged or io_q.blocked:
+        return
+    # The walk's cursor must be consistent if a failed request's callback
+    # runs a nested walk from here.
+    s.event_idx = s.event_max = 0
+    ioq_submit(s)
 
 
 def _process_completions_and_submit(s: LinuxAioState) -> None:
@@ -469,11 +525,17 @@ def ioq_submit(s: LinuxAioState) -> None:
             break
     io_q.blocked = io_q.in_queue > 0
 
-    if io_q.in_flight:
+    if io_q.in_flight and not s.walk_depth:
         # Later QEMU: try to complete something right away.  Even if every
         # request completed, requests may remain queued; the eventfd is
         # still set, so the completion handler will submit them shortly --
         # do not loop here (that could hang).
+        # Not from inside a completion walk (a callback that submits): the
+        # running walk peeks the ring again as soon as the callback
+        # returns, so nothing waits longer, and reaping here would nest one
+        # walk per completion -- unbounded recursion when a callback
+        # resubmits while completions keep arriving (deep queues, or
+        # buffered I/O that completes inside io_submit).
         _process_completions(s)
 
 
@@ -502,7 +564,20 @@ def _laio_do_submit(s: LinuxAioState, fd: int, laiocb: QemuLaiocb, offset: int, 
     io_q.pending.append(laiocb)
     io_q.in_queue += 1
     if not io_q.blocked:
-        if not io_q.plugged or io_q.in_queue >= _max_batch(s):
+        if io_q.plugged:
+            if io_q.in_queue >= _max_batch(s):
+                ioq_submit(s)
+        elif s.walk_depth:
+            # Submitted by a completion callback: the running walk submits
+            # it after this batch (or at aio_max_batch queued, when the
+            # context sets one).  Should the callback block in a nested
+            # aio_poll first, the completion BH submits it.
+            cap = s.aio_context.aio_max_batch
+            if cap and io_q.in_queue >= cap:
+                ioq_submit(s)
+            elif io_q.in_queue == 1:
+                qemu_bh_schedule(s.completion_bh)
+        else:
             ioq_submit(s)
     return 0
 
@@ -574,7 +649,8 @@ def laio_submit(bs: Any, s: LinuxAioState, fd: int, sector_num: int, qiov: QEMUI
         raise TypeError("laio_submit: sector_num and nb_sectors must be ints")
     offset = sector_num * BDRV_SECTOR_SIZE
     _check_submit_args(s, fd, offset, qiov, type, "laio_submit")
-    laiocb = qemu_aio_get(_info, bs, cb, opaque)
+    # qemu_aio_get(_info, ...) without its re-checks (cb was checked above).
+    laiocb = QemuLaiocb(_info, bs, cb, opaque)
     laiocb.state = s
     laiocb.nbytes = nb_sectors * BDRV_SECTOR_SIZE
     laiocb.ret = _EINPROGRESS

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..aio import aio_bh_schedule_oneshot, aio_timer_new
 from ..aiocb import AIOCBInfo, BlockAIOCB, qemu_aio_get, qemu_aio_unref
-from ..coroutine import qemu_co_sleep_ns
+from ..coroutine import aio_co_wake, qemu_coroutine_self, qemu_coroutine_yield
 from ..iov import QEMUIOVector
 from ..timer import QEMU_CLOCK_REALTIME, SCALE_NS, qemu_clock_get_ns, timer_free, timer_mod_ns
 from .block import BlockDriver, BlockDriverState, bdrv_get_aio_context, bdrv_register
@@ -70,9 +70,18 @@ def null_getlength(bs: BlockDriverState) -> int:
 
 
 def _null_co_common(bs: BlockDriverState) -> int:
+    # QEMU sleeps with qemu_co_sleep_ns in the current context, which there is
+    # always the device's; arm the timer on the device's context explicitly
+    # so the latency works whichever thread entered the request.
     s: BDRVNullState = bs.opaque
     if s.latency_ns:
-        qemu_co_sleep_ns(QEMU_CLOCK_REALTIME, s.latency_ns)
+        ts = aio_timer_new(bdrv_get_aio_context(bs), QEMU_CLOCK_REALTIME, SCALE_NS,
+                           aio_co_wake, qemu_coroutine_self())
+        timer_mod_ns(ts, qemu_clock_get_ns(QEMU_CLOCK_REALTIME) + s.latency_ns)
+        try:
+            qemu_coroutine_yield()
+        finally:
+            timer_free(ts)
     return 0
 
 
