@@ -103,3 +103,35 @@ def errno_name(err: int) -> str:
 def strerror(err: int) -> str:
     """``os.strerror`` that accepts QEMU's negative errno values."""
     return os.strerror(abs(err))
+
+
+# fallocate(2) with a mode (os.posix_fallocate has none): punch holes and
+# zero ranges.  The offsets are 64-bit, so argtypes are mandatory.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+try:
+    _fallocate = libc["fallocate"] if libc is not None else None
+    if _fallocate is not None:
+        _fallocate.restype = ctypes.c_int
+        _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+except (AttributeError, TypeError):  # pragma: no cover - non-Linux libc
+    _fallocate = None
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+    """``fallocate(fd, mode, offset, length)``: 0, or ``-errno`` (EINTR retried).
+
+    ``-ENOSYS`` where libc has no fallocate.
+    """
+    import errno as _errno
+
+    if _fallocate is None:
+        return -_errno.ENOSYS
+    while True:
+        if _fallocate(fd, mode, offset, length) == 0:
+            return 0
+        err = ctypes.get_errno()
+        if err != _errno.EINTR:
+            return -err

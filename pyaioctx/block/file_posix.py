@@ -43,7 +43,6 @@ Some facts this driver relies on:
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -53,7 +52,7 @@ from typing import Any, Optional
 
 from ..iov import QEMUIOVector, qemu_memalign, qemu_vfree
 from ..thread_pool import aio_get_thread_pool, thread_pool_submit_co
-from .._sys.libc import libc
+from .._sys.libc import fallocate as _sys_fallocate
 from .._sys.mem import PAGE_SIZE
 from .block import (
     BDRV_O_NATIVE_AIO,
@@ -85,25 +84,13 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _MAX_TRANSFER = 1 << 30
 _MAX_BLOCKSIZE = 4096
 
-try:
-    _fallocate = libc["fallocate"]
-    _fallocate.restype = ctypes.c_int
-    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-except (AttributeError, TypeError):  # pragma: no cover - non-Linux libc
-    _fallocate = None
-
-
 def _do_fallocate(fd: int, mode: int, offset: int, length: int) -> int:
     # Port of do_fallocate + translate_err: 0 or -errno, with "not supported"
     # in all its spellings mapped to -ENOTSUP.
-    if _fallocate is None:
-        return -errno.ENOTSUP
-    while True:
-        if _fallocate(fd, mode, offset, length) == 0:
-            return 0
-        err = ctypes.get_errno()
-        if err != errno.EINTR:
-            break
+    ret = _sys_fallocate(fd, mode, offset, length)
+    if ret == 0:
+        return 0
+    err = -ret
     if err in (errno.ENODEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTTY):
         return -errno.ENOTSUP
     return -err

@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterator, Optional
 from .. import coroutine as _co
 from ..aio import aio_bh_schedule_oneshot, aio_poll, aio_set_fd_handler, qemu_init_main_loop
 from ..iov import QEMUIOVector, qemu_iovec_add, qemu_iovec_init, qemu_iovec_init_buf
-from ..timer import QEMU_CLOCK_REALTIME, SCALE_MS, aio_timer_new, qemu_clock_get_ms, timer_free
+from ..aio import aio_timer_new
+from ..timer import QEMU_CLOCK_REALTIME, SCALE_MS, qemu_clock_get_ms, timer_free, timer_mod
 from ..block import (
     BDRV_O_IO_URING, BDRV_O_NATIVE_AIO, BDRV_O_NOCACHE, BDRV_O_NO_FLUSH, BDRV_O_RDWR,
     BDRV_O_UNMAP, BDRV_REQ_FUA, BDRV_REQ_MAY_UNMAP, BDRV_REQ_NO_FALLBACK, BLOCK_ACCT_READ,
@@ -1556,7 +1557,6 @@ class QemuIO:
         expired = [False]
         timer = aio_timer_new(self.ctx, QEMU_CLOCK_REALTIME, SCALE_MS,
                               lambda _: expired.__setitem__(0, True), None)
-        from ..timer import timer_mod
         timer_mod(timer, qemu_clock_get_ms(QEMU_CLOCK_REALTIME) + ms)
         try:
             self._wait(lambda: not expired[0])
