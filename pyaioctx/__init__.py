@@ -36,6 +36,8 @@ from .block.io_uring import *  # noqa: F401,F403
 from .block.io_uring import __all__ as _io_uring_all
 from .block import *  # noqa: F401,F403
 from .block import __all__ as _block_all
+from .nbd.server import NBDExport, NBDServer
 
 __all__ = ["__version__", *_en_all, *_timer_all, *_aio_all, *_coroutine_all, *_aiocb_all, *_thread_pool_all,
-           *_iov_all, *_raw_aio_all, *_linux_aio_all, *_io_uring_all, *_block_all]
+           *_iov_all, *_raw_aio_all, *_linux_aio_all, *_io_uring_all, *_block_all,
+           "NBDExport", "NBDServer"]

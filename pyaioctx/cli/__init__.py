@@ -31,6 +31,7 @@ commands:
   io      qemu-io compatible disk exerciser     ({prog} io -c help)
   bench   qemu-img bench compatible benchmark;  without FILENAME: compare
           every I/O backend of this machine     ({prog} bench --help)
+  nbd     export a block device over NBD, qemu-nbd style ({prog} nbd --help)
   demo    a short live tour of the event loop
 """
 
@@ -56,6 +57,9 @@ def main(argv: Optional[list[str]] = None, prog: str = "pyaioctx",
         if cmd == "bench":
             from .bench import main as bench_main
             return bench_main(rest)
+        if cmd == "nbd":
+            from .nbd import main as nbd_main
+            return nbd_main(rest)
         if cmd == "demo":
             from .demo import main as demo_main
             return demo_main(rest)

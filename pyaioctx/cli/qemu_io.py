@@ -1343,6 +1343,11 @@ class QemuIO:
         if offset < 0:
             _out(cvtnum_err_text(offset, g.operands[0]) + "\n")
             return -errno.EINVAL
+        if prealloc != PREALLOC_MODE_OFF and offset < bdrv_getlength(self.bs):
+            # file-posix's raw_co_truncate refuses this before touching the
+            # file; pyaioctx's file driver would shrink.
+            error_report("Cannot use preallocation for shrinking files")
+            return -errno.ENOTSUP
         ret = bdrv_truncate(self.bs, offset, False, prealloc, 0)
         if ret < 0:
             if ret == -errno.ENOTSUP and prealloc != PREALLOC_MODE_OFF:

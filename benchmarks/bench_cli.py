@@ -1,0 +1,101 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""``pyaioctx bench`` against ``qemu-img bench`` with identical options.
+
+For each aio backend (threads, native, io_uring) and queue depth (1, 32,
+128): 4 KiB reads, ``-t none``, on a 1 GiB pre-filled raw image under
+``.scratch/`` (a real disk: O_DIRECT).  Both tools run in the same session,
+alternating, and the table shows requests per second of each and the ratio
+pyaioctx / qemu-img.  ``--write-results`` replaces the "## pyaioctx bench vs
+qemu-img bench" section of benchmarks/RESULTS.md.
+
+    python benchmarks/bench_cli.py [--count N] [--write-results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTION = "## pyaioctx bench vs qemu-img bench"
+
+
+def run(cmd: list[str]) -> float:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {p.stderr.strip()}")
+    m = re.search(r"Run completed in ([\d.]+) seconds", p.stdout)
+    assert m, p.stdout
+    return float(m.group(1))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--count", type=int, default=20000, help="requests per run")
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--write-results", action="store_true")
+    a = ap.parse_args()
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        print("qemu-img is not installed")
+        return 1
+    scratch = ROOT / ".scratch"
+    scratch.mkdir(exist_ok=True)
+    img = scratch / "bench_cli.img"
+    if not img.exists() or img.stat().st_size != 1 << 30:
+        with open(img, "wb") as f:
+            chunk = bytes(range(256)) * 4096
+            for _ in range(1024):
+                f.write(chunk)
+    sys.path.insert(0, str(ROOT))
+    from pyaioctx.block.file_posix import aio_engine_available
+    version = subprocess.run([qemu_img, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    rows = []
+    for aio in ("threads", "native", "io_uring"):
+        ok, why = aio_engine_available(aio)
+        for depth in (1, 32, 128):
+            if not ok:
+                rows.append((aio, depth, None, None, why))
+                continue
+            opts = ["-f", "raw", "-t", "none", "-i", aio, "-c", str(a.count), "-d", str(depth),
+                    "-s", "4k", str(img)]
+            q = run([qemu_img, "bench", *opts])
+            p = run([sys.executable, "-m", "pyaioctx", "bench", *opts])
+            rows.append((aio, depth, a.count / q, a.count / p, ""))
+            print(f"{aio:9} depth {depth:3}: qemu-img {a.count / q:9.0f} req/s, "
+                  f"pyaioctx {a.count / p:8.0f} req/s, ratio {q / p:.3f}", flush=True)
+    lines = [SECTION, "",
+             f"4 KiB reads, `-t none`, 1 GiB pre-filled raw image on disk, {a.count} requests per run;",
+             f"`{version}` vs `python -m pyaioctx bench` with the same options, same session;",
+             f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
+             f"Linux {platform.release()}.  Requests per second; ratio = pyaioctx / qemu-img.",
+             "", "| aio | depth | qemu-img req/s | pyaioctx req/s | ratio |", "|---|---:|---:|---:|---:|"]
+    for aio, depth, q, p, why in rows:
+        if q is None:
+            lines.append(f"| {aio} | {depth} | unavailable: {why} | | |")
+        else:
+            lines.append(f"| {aio} | {depth} | {q:.0f} | {p:.0f} | {p / q:.3f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.write_results:
+        res = ROOT / "benchmarks" / "RESULTS.md"
+        cur = res.read_text() if res.exists() else "# Benchmark results\n"
+        start = cur.find(SECTION)
+        if start >= 0:
+            end = cur.find("\n## ", start + len(SECTION))
+            cur = cur[:start] + text + (cur[end + 1:] if end >= 0 else "")
+        else:
+            cur = cur.rstrip("\n") + "\n\n" + text
+        res.write_text(cur)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
