@@ -3,7 +3,7 @@
 
 For each aio backend (threads, native, io_uring) and queue depth (1, 32,
 128): 4 KiB reads, ``-t none``, on a 1 GiB pre-filled raw image under
-``.scratch/`` (a real disk: O_DIRECT).  Both tools run in the same session,
+``.scratch/`` (a real disk: O_DIRECT).  Both tools run in the same invocation,
 alternating, and the table shows requests per second of each and the ratio
 pyaioctx / qemu-img.  ``--write-results`` replaces the "## pyaioctx bench vs
 qemu-img bench" section of benchmarks/RESULTS.md.
@@ -73,7 +73,7 @@ def main() -> int:
                   f"pyaioctx {a.count / p:8.0f} req/s, ratio {q / p:.3f}", flush=True)
     lines = [SECTION, "",
              f"4 KiB reads, `-t none`, 1 GiB pre-filled raw image on disk, {a.count} requests per run;",
-             f"`{version}` vs `python -m pyaioctx bench` with the same options, same session;",
+             f"`{version}` vs `python -m pyaioctx bench` with the same options, in the same run;",
              f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
              f"Linux {platform.release()}.  Requests per second; ratio = pyaioctx / qemu-img.",
              "", "| aio | depth | qemu-img req/s | pyaioctx req/s | ratio |", "|---|---:|---:|---:|---:|"]

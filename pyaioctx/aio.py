@@ -40,6 +40,7 @@ import weakref
 from typing import Any, Callable, Optional
 
 from . import _tls
+from ._tls import _local as _tls_local
 from .event_notifier import (
     EventNotifier,
     event_notifier_cleanup,
@@ -962,7 +963,10 @@ def aio_poll(ctx: AioContext, blocking: bool) -> bool:
         _check_ctx(ctx)
     if ctx.closed:
         raise RuntimeError(f"{ctx!r}: aio_poll on a closed AioContext")
-    me = _tls.current()
+    try:
+        me = _tls_local.lt
+    except AttributeError:
+        me = _tls.current()
     owner = ctx._poll_owner
     if owner is not None and owner is not me:
         raise RuntimeError(

@@ -7,12 +7,15 @@ runs the expired timers after dispatching handlers.
 
 A discussion about time (why the structures look like this):
 
-* Timers are kept in expiry order in a plain Python list of
-  ``(expire_ns, seq, timer)`` tuples.  ``bisect`` finds the place in O(log n)
-  and the list shift is a memmove; QEMU uses a linked list, which in Python
-  would be slower for every size that matters.  ``seq`` breaks ties so timers
-  with the same expiry fire in the order they were armed, like QEMU's
-  insert-after-equal rule.
+* Timers are kept in a plain Python list of ``(-expire_ns, -seq, timer)``
+  tuples sorted ascending, i.e. in *reverse* expiry order: the next timer to
+  fire is the last element, so dispatch pops it in O(1).  ``bisect`` on the
+  tuples themselves (no key function: ``seq`` is unique, so the timer object
+  is never compared) finds the place in O(log n) and the list shift is a
+  memmove; QEMU uses a linked list, which in Python would be slower for
+  every size that matters.  ``seq`` breaks ties so timers with the same
+  expiry fire in the order they were armed, like QEMU's insert-after-equal
+  rule.
 * ``timer_mod`` may be called from any thread (QEMU takes
   ``active_timers_lock``); when the new timer becomes the list head the
   owning context is notified so a blocked ``aio_poll`` recomputes its
@@ -160,8 +163,8 @@ def qemu_soonest_timeout(a: int, b: int) -> int:
 class QEMUTimerList:
     """Active timers of one clock in one AioContext (QEMU's QEMUTimerList).
 
-    ``_active``: sorted ``(expire_ns, seq, timer)``; any thread, under
-    ``_lock``.  ``notify``: called when the head changes (aio_notify).
+    ``_active``: ``(-expire_ns, -seq, timer)`` sorted ascending, so the
+    first timer to expire is ``_active[-1]``; any thread, under ``_lock``.  ``notify``: called when the head changes (aio_notify).
     """
 
     __slots__ = ("clock_type", "_active", "_lock", "_notify_cb", "__weakref__")
@@ -185,7 +188,7 @@ class QEMUTimerList:
         if not active or not _clock_enabled[self.clock_type]:
             return -1
         try:
-            expire = active[0][0]
+            expire = -active[-1][0]
         except IndexError:  # emptied by another thread meanwhile
             return -1
         delta = expire - _CLOCKS[self.clock_type]()
@@ -204,40 +207,44 @@ class QEMUTimerList:
         now = _CLOCKS[self.clock_type]()
         progress = False
         lock = self._lock
+        acquire = lock.acquire
+        release = lock.release
+        neg_now = -now
         while True:
-            with lock:
-                if not active or active[0][0] > now:
-                    break
-                _, _, ts = active.pop(0)
-                ts._key = None
-                ts.expire_time = -1
+            # One timer at a time, re-checking the head under the lock: a
+            # callback may delete or re-arm timers that are also due.
+            acquire()
+            if not active or active[-1][0] < neg_now:
+                release()
+                break
+            ts = active.pop()[2]
+            ts._key = None
+            ts.expire_time = -1
+            release()
             ts.cb(ts.opaque)
             progress = True
         return progress
 
     def _insert_locked(self, ts: "QEMUTimer", expire_ns: int) -> bool:
-        key = (expire_ns, next(_seq), ts)
+        key = (-expire_ns, -next(_seq), ts)
         ts._key = key
         ts.expire_time = expire_ns
         active = self._active
-        i = bisect.bisect_right(active, key[:2], key=_key2)
+        i = bisect.bisect_left(active, key[:2])
         active.insert(i, key)
-        return i == 0
+        return i == len(active) - 1  # the new head: the deadline moved
 
     def _remove_locked(self, ts: "QEMUTimer") -> None:
         key = ts._key
         if key is None:
             return
         active = self._active
-        i = bisect.bisect_left(active, key[:2], key=_key2)
-        # seq is unique, so the entry at i is ours.
+        # (a, b) sorts just before (a, b, ts), and seq is unique, so the
+        # entry at i is ours.
+        i = bisect.bisect_left(active, key[:2])
         del active[i]
         ts._key = None
         ts.expire_time = -1
-
-
-def _key2(entry: tuple[int, int, Any]) -> tuple[int, int]:
-    return entry[0], entry[1]
 
 
 # itertools.count is atomic under the GIL: a unique tiebreaker per arm.

@@ -438,7 +438,7 @@ def _completion_bh(s: LinuxAioState) -> None:
     _process_completions_and_submit(s)
 
 
-def _completion_cb(e: EventNotifier) -> None:
+def _completion_cb(e: EventNotifier) -> Optional[bool]:
     """Port of ``qemu_laio_completion_cb``: the eventfd fired.
 
     The ring is drained whatever the eventfd read returned: a wake-up that
@@ -447,7 +447,16 @@ def _completion_cb(e: EventNotifier) -> None:
     """
     s = e.owner  # type: ignore[attr-defined]
     event_notifier_test_and_clear(e)
+    if s.use_ring:
+        hdr = s.ring._hdr
+        io_q = s.io_q
+        if hdr[2] == hdr[3] and (io_q.plugged or not io_q.pending):
+            # A stale signal: its completions were already reaped (by the
+            # BH, by the poll handler or right after io_submit).  Returning
+            # False tells aio_poll this was no progress.
+            return False
     _process_completions_and_submit(s)
+    return None
 
 
 def _poll_cb(e: EventNotifier) -> bool:

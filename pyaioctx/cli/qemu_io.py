@@ -38,16 +38,16 @@ from typing import Any, Callable, Iterator, Optional
 
 from .. import coroutine as _co
 from ..aio import aio_bh_schedule_oneshot, aio_poll, aio_set_fd_handler, qemu_init_main_loop
-from ..iov import QEMUIOVector, qemu_iovec_add, qemu_iovec_init, qemu_iovec_init_buf
+from ..iov import QEMUIOVector, qemu_iovec_add, qemu_iovec_init
 from ..aio import aio_timer_new
 from ..timer import QEMU_CLOCK_REALTIME, SCALE_MS, qemu_clock_get_ms, timer_free, timer_mod
 from ..block import (
     BDRV_O_IO_URING, BDRV_O_NATIVE_AIO, BDRV_O_NOCACHE, BDRV_O_NO_FLUSH, BDRV_O_RDWR,
     BDRV_O_UNMAP, BDRV_REQ_FUA, BDRV_REQ_MAY_UNMAP, BDRV_REQ_NO_FALLBACK, BLOCK_ACCT_READ,
     BLOCK_ACCT_WRITE, PREALLOC_MODE_FALLOC, PREALLOC_MODE_FULL, PREALLOC_MODE_METADATA,
-    PREALLOC_MODE_OFF, BlockDriverState, bdrv_aio_flush, bdrv_aio_preadv, bdrv_aio_pwritev,
+    PREALLOC_MODE_OFF, BlockDriverState, bdrv_aio_preadv, bdrv_aio_pwritev,
     bdrv_co_pwrite_zeroes, bdrv_dec_in_flight, bdrv_drain, bdrv_find_format, bdrv_flush,
-    bdrv_get_aio_context, bdrv_getlength, bdrv_inc_in_flight, bdrv_open, bdrv_pdiscard,
+    bdrv_getlength, bdrv_inc_in_flight, bdrv_open, bdrv_pdiscard,
     bdrv_pread, bdrv_pwrite, bdrv_pwrite_zeroes, bdrv_truncate, bdrv_unref, block_acct_invalid,
     qemu_blockalign,
 )
