@@ -438,7 +438,7 @@ def _process_completions(s: LuringState, clear: bool = False) -> None:
         s.getevents_calls += 1
         ring.get_events(0)
     e = s.e
-    reaped = 0
+    reaped = total = 0
     s._walk_depth += 1
     try:
         while True:
@@ -464,6 +464,7 @@ def _process_completions(s: LuringState, clear: bool = False) -> None:
                     continue
             if reaped or clear:
                 event_notifier_test_and_clear(e)
+                total += reaped
                 reaped = 0
                 clear = False
                 if ring.cq_peek():
@@ -471,9 +472,11 @@ def _process_completions(s: LuringState, clear: bool = False) -> None:
             break
     finally:
         s._walk_depth -= 1
-    if s._resubmitted and not io_q.plugged and s._walk_depth == 0:
-        # Requests went back to the queue; leave the BH scheduled so that it
-        # submits them even if no other completion comes to do it.
+    if (s._resubmitted or (total and io_q.in_queue > 0)) and not io_q.plugged \
+            and s._walk_depth == 0:
+        # Requests are queued and this walk made room for them (or put them
+        # back): leave the BH scheduled so that it submits them, even if no
+        # further completion comes to do it (the eventfd was consumed).
         s._resubmitted = False
         return
     qemu_bh_cancel(bh)
