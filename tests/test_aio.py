@@ -24,6 +24,7 @@ import threading
 import time
 
 import pytest
+from helpers import drain, poll_until, watchdog
 
 import pyaioctx
 from pyaioctx import (
@@ -110,61 +111,12 @@ def main_ctx():
     drain(main)
 
 
-@contextlib.contextmanager
-def watchdog(ctx: AioContext, timeout: float):
-    """Kick ``ctx`` with aio_notify once ``timeout`` seconds have passed.
-
-    Yields a dict whose "fired" key tells whether the bound was exceeded.
-    """
-    stop = threading.Event()
-    state = {"fired": False}
-
-    def run() -> None:
-        if stop.wait(timeout):
-            return
-        state["fired"] = True
-        while True:
-            with contextlib.suppress(Exception):
-                aio_notify(ctx)
-            if stop.wait(0.02):
-                return
-
-    t = threading.Thread(target=run, name="watchdog", daemon=True)
-    t.start()
-    try:
-        yield state
-    finally:
-        stop.set()
-        t.join()
-
-
 def poll_blocking(ctx: AioContext, timeout: float = 5.0) -> bool:
     """aio_poll(ctx, True) that fails instead of hanging past ``timeout``."""
     with watchdog(ctx, timeout) as wd:
         ret = aio_poll(ctx, True)
     assert not wd["fired"], f"aio_poll(ctx, True) still blocked after {timeout}s"
     return ret
-
-
-def poll_until(ctx: AioContext, pred, timeout: float = 5.0) -> int:
-    """Blocking aio_poll until ``pred()``; returns the number of polls."""
-    deadline = time.monotonic() + timeout
-    n = 0
-    with watchdog(ctx, timeout) as wd:
-        while not pred():
-            if wd["fired"] or time.monotonic() > deadline:
-                raise AssertionError(f"condition not reached within {timeout}s")
-            aio_poll(ctx, True)
-            n += 1
-    return n
-
-
-def drain(ctx: AioContext, limit: int = 1000) -> int:
-    """``do {} while (aio_poll(ctx, false));`` with a bound."""
-    for i in range(limit):
-        if not aio_poll(ctx, False):
-            return i
-    raise AssertionError(f"aio_poll(ctx, False) still making progress after {limit} calls")
 
 
 class Thread:

@@ -21,6 +21,7 @@ import threading
 import time
 
 import pytest
+from helpers import drain, poll_until, watchdog
 
 from pyaioctx import (
     AioContext,
@@ -52,47 +53,6 @@ def pipe():
     for fd in (r, w):
         with contextlib.suppress(OSError):
             os.close(fd)
-
-
-@contextlib.contextmanager
-def watchdog(ctx: AioContext, timeout: float):
-    """Kick ``ctx`` with aio_notify once ``timeout`` seconds have passed."""
-    stop = threading.Event()
-    state = {"fired": False}
-
-    def run() -> None:
-        if stop.wait(timeout):
-            return
-        state["fired"] = True
-        while True:
-            with contextlib.suppress(Exception):
-                aio_notify(ctx)
-            if stop.wait(0.02):
-                return
-
-    t = threading.Thread(target=run, name="watchdog", daemon=True)
-    t.start()
-    try:
-        yield state
-    finally:
-        stop.set()
-        t.join()
-
-
-def poll_until(ctx: AioContext, pred, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    with watchdog(ctx, timeout) as wd:
-        while not pred():
-            if wd["fired"] or time.monotonic() > deadline:
-                raise AssertionError(f"condition not reached within {timeout}s")
-            aio_poll(ctx, True)
-
-
-def drain(ctx: AioContext, limit: int = 1000) -> None:
-    for _ in range(limit):
-        if not aio_poll(ctx, False):
-            return
-    raise AssertionError("aio_poll(ctx, False) keeps making progress")
 
 
 def remove(ctx: AioContext, fd: int) -> None:

@@ -11,9 +11,10 @@ or closes the connection; it never hangs, crashes or corrupts other clients.
 
 from __future__ import annotations
 
+import shutil
 import socket
 import struct
-from pathlib import Path
+import uuid
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -22,6 +23,7 @@ from pyaioctx.nbd import (
     NBD_OPTS_MAGIC,
     NBD_REQUEST_MAGIC,
 )
+from conftest import _scratch_root
 from test_nbd import RawClient, file_server
 
 _FUZZ = settings(max_examples=60, deadline=None,
@@ -30,12 +32,16 @@ _FUZZ = settings(max_examples=60, deadline=None,
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    # Module-scoped, so not disk_dir; only buffered I/O is used here.
-    d = tmp_path_factory.mktemp("nbdfuzz")
-    st, _ = file_server(Path(d), handshake_limit=2.0)
-    with st:
-        yield st
+def server():
+    # One server for the module, in the same scratch area disk_dir uses.
+    d = _scratch_root() / f"nbdfuzz-{uuid.uuid4().hex[:8]}"
+    d.mkdir()
+    try:
+        st, _ = file_server(d, handshake_limit=2.0)
+        with st:
+            yield st
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _drain(s: socket.socket) -> None:

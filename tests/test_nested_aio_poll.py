@@ -21,6 +21,7 @@ import threading
 import time
 
 import pytest
+from helpers import watchdog
 
 from pyaioctx import (
     AioContext,
@@ -38,31 +39,6 @@ from pyaioctx import (
 )
 
 FDMONS = ["epoll", "poll"]
-
-
-@contextlib.contextmanager
-def watchdog(ctx: AioContext, timeout: float):
-    """Kick ``ctx`` with aio_notify once ``timeout`` seconds have passed."""
-    stop = threading.Event()
-    state = {"fired": False}
-
-    def run() -> None:
-        if stop.wait(timeout):
-            return
-        state["fired"] = True
-        while True:
-            with contextlib.suppress(Exception):
-                aio_notify(ctx)
-            if stop.wait(0.02):
-                return
-
-    t = threading.Thread(target=run, name="watchdog", daemon=True)
-    t.start()
-    try:
-        yield state
-    finally:
-        stop.set()
-        t.join()
 
 
 def run_in_iothread(ctx: AioContext, fn):

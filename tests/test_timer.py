@@ -17,6 +17,7 @@ import threading
 import time
 
 import pytest
+from helpers import drain, poll_until, watchdog
 
 from pyaioctx import (
     QEMU_CLOCK_HOST,
@@ -68,50 +69,6 @@ def vctx():
     yield c
     if not c.closed:
         aio_context_unref(c)
-
-
-@contextlib.contextmanager
-def watchdog(ctx: AioContext, timeout: float):
-    """Kick ``ctx`` with aio_notify once ``timeout`` seconds have passed."""
-    stop = threading.Event()
-    state = {"fired": False}
-
-    def run() -> None:
-        if stop.wait(timeout):
-            return
-        state["fired"] = True
-        while True:
-            with contextlib.suppress(Exception):
-                aio_notify(ctx)
-            if stop.wait(0.02):
-                return
-
-    t = threading.Thread(target=run, name="watchdog", daemon=True)
-    t.start()
-    try:
-        yield state
-    finally:
-        stop.set()
-        t.join()
-
-
-def poll_until(ctx: AioContext, pred, timeout: float = 5.0) -> int:
-    deadline = time.monotonic() + timeout
-    n = 0
-    with watchdog(ctx, timeout) as wd:
-        while not pred():
-            if wd["fired"] or time.monotonic() > deadline:
-                raise AssertionError(f"condition not reached within {timeout}s")
-            aio_poll(ctx, True)
-            n += 1
-    return n
-
-
-def drain(ctx: AioContext, limit: int = 1000) -> None:
-    for _ in range(limit):
-        if not aio_poll(ctx, False):
-            return
-    raise AssertionError("aio_poll(ctx, False) keeps making progress")
 
 
 def vnow() -> int:
