@@ -35,3 +35,27 @@ def disk_dir():
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(params=["thread", "greenlet"])
+def co_backend(request):
+    """Run a test under each coroutine backend, then restore the previous one.
+
+    When ``PYAIOCTX_COROUTINE`` pins a backend (the tox ``co-*``
+    environments do), only that backend runs; the other is skipped with the
+    reason.  A backend that cannot load (no greenlet) is skipped too.
+    """
+    import pyaioctx.coroutine as C
+
+    name = request.param
+    pinned = os.environ.get("PYAIOCTX_COROUTINE")
+    if pinned in ("thread", "greenlet") and pinned != name:
+        pytest.skip(f"coroutine backend pinned to {pinned!r} by PYAIOCTX_COROUTINE")
+    if name not in C.available_backends():
+        pytest.skip(f"coroutine backend {name!r} unavailable: greenlet is not importable")
+    prev = C.get_backend().name
+    C.set_backend(name)
+    try:
+        yield name
+    finally:
+        C.set_backend(prev)

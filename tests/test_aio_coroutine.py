@@ -42,20 +42,6 @@ from pyaioctx import (
 WAIT_S = 5.0
 
 
-@pytest.fixture(params=["thread", "greenlet"])
-def co_backend(request):
-    """Make ``request.param`` the coroutine backend for one test, then restore."""
-    name = request.param
-    if name not in C.available_backends():
-        pytest.skip(f"coroutine backend {name!r} unavailable: greenlet is not importable")
-    prev = C.get_backend()
-    C.set_backend(name)
-    try:
-        yield name
-    finally:
-        C._install(C._backend_object(prev.name), prev.reason)
-
-
 @pytest.fixture
 def ctx():
     return qemu_init_main_loop()

@@ -37,20 +37,6 @@ from pyaioctx.coroutine import (
 )
 
 
-@pytest.fixture(params=["thread", "greenlet"])
-def co_backend(request):
-    """Make ``request.param`` the coroutine backend for one test, then restore."""
-    name = request.param
-    if name not in C.available_backends():
-        pytest.skip(f"coroutine backend {name!r} unavailable: greenlet is not importable")
-    prev = C.get_backend()
-    C.set_backend(name)
-    try:
-        yield name
-    finally:
-        C._install(C._backend_object(prev.name), prev.reason)
-
-
 def run(entry, opaque=None):
     co = qemu_coroutine_create(entry, opaque)
     qemu_coroutine_enter(co)

@@ -51,18 +51,6 @@ def ctx():
         q.aio_context_unref(c)
 
 
-@pytest.fixture(params=["thread", "greenlet"])
-def co_backend(request):
-    if request.param not in C.available_backends():
-        pytest.skip(f"coroutine backend {request.param!r} unavailable: greenlet not importable")
-    prev = C.get_backend().name
-    C.set_backend(request.param)
-    try:
-        yield request.param
-    finally:
-        C.set_backend(prev)
-
-
 def _wait(ctx, pred, limit=100000):
     for _ in range(limit):
         if pred():

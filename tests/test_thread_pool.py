@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 import pytest
 
+import pyaioctx.coroutine
+
 from pyaioctx import (
     THREAD_ACTIVE,
     THREAD_DONE,
@@ -178,43 +180,10 @@ def test_submit_aio(ctx, pool):
     assert data.ret == 0
 
 
-def _coroutine_backends() -> list:
-    params = [pytest.param("thread", id="thread")]
-    try:
-        import greenlet  # noqa: F401
-    except ImportError:
-        params.append(pytest.param("greenlet", id="greenlet",
-                                   marks=pytest.mark.skip(reason="greenlet is not importable")))
-    else:
-        params.append(pytest.param("greenlet", id="greenlet"))
-    return params
-
-
-def _coroutine_module():
-    coroutine = pytest.importorskip("pyaioctx.coroutine")
-    if not hasattr(coroutine, "set_backend"):
-        pytest.skip("pyaioctx.coroutine is not available")
-    return coroutine
-
-
-@pytest.fixture(params=_coroutine_backends())
-def co_backend(request):
-    coroutine = _coroutine_module()
-    get = getattr(coroutine, "get_backend", None)
-    old = get() if get is not None else None
-    coroutine.set_backend(request.param)
-    assert str(coroutine.get_backend()) == request.param
-    try:
-        yield coroutine
-    finally:
-        if old is not None:
-            coroutine.set_backend(old if isinstance(old, str) else getattr(old, "name", old))
-
-
 def test_submit_co(ctx, pool, co_backend):
     """/thread-pool/submit-co, on each coroutine backend: the coroutine
     yields until the work is done and gets the worker's return value."""
-    co_api = co_backend
+    co_api = pyaioctx.coroutine
     data = WorkerTestData()
     got: list[int] = []
 
@@ -245,7 +214,7 @@ def test_submit_co(ctx, pool, co_backend):
 
 def test_submit_co_returns_worker_value(ctx, pool, co_backend):
     """Contract detail 8: thread_pool_submit_co returns func's int."""
-    co_api = co_backend
+    co_api = pyaioctx.coroutine
     got: list[int] = []
 
     def entry(_: Any) -> None:
@@ -258,7 +227,6 @@ def test_submit_co_returns_worker_value(ctx, pool, co_backend):
 
 
 def test_submit_co_outside_coroutine(pool):
-    _coroutine_module()
     with pytest.raises(RuntimeError, match="coroutine"):
         thread_pool_submit_co(pool, worker_cb, WorkerTestData())
 
