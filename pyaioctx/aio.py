@@ -407,10 +407,14 @@ def _finalize(ctx: AioContext) -> None:
         hook(ctx)
     ctx._cleanup_hooks.clear()
     qemu_bh_delete(ctx.co_schedule_bh)
-    # Run what is still queued (deleted BHs get dropped, scheduled oneshots
-    # would otherwise silently vanish) -- QEMU asserts the list is empty of
-    # live BHs instead.
-    leaked = sorted(bh.name for bh in ctx._live_bhs if not bh.flags & BH_DELETED)
+    # As QEMU's aio_ctx_finalize: a BH that was never deleted is a leak --
+    # something may still expect it to run.  That covers BHs made with
+    # aio_bh_new and not deleted, and oneshot BHs still waiting to run.
+    with ctx._bh_lock:
+        queued = [bh for lst in (ctx._bh_list, *ctx._bh_slices) for bh in lst]
+    leaked = sorted({bh.name for bh in ctx._live_bhs if not bh.flags & BH_DELETED}
+                    | {bh.name for bh in queued
+                       if bh.flags & BH_ONESHOT and bh.flags & BH_SCHEDULED})
     aio_set_event_notifier(ctx, ctx.notifier, False, None)
     for node in list(ctx._handlers.values()):
         ctx.fdmon.update(node.fd, node.events, 0)
@@ -425,8 +429,6 @@ def _finalize(ctx: AioContext) -> None:
                 ts._key = None
                 ts.expire_time = -1
             tl._active.clear()
-    if _main_ctx is ctx:
-        pass  # the main context is never finalised in practice
     if leaked:
         raise RuntimeError(
             "BH " + ", ".join(repr(n) for n in leaked)
@@ -542,10 +544,23 @@ def _bh_enqueue(bh: QEMUBH, new_flags: int) -> None:
 def aio_bh_schedule_oneshot_full(ctx: AioContext, cb: Callable[[Any], None], opaque: Any,
                                  name: str | None = None) -> None:
     """Port of ``aio_bh_schedule_oneshot_full``: run cb(opaque) once, then free."""
-    _check_ctx(ctx)
-    _check_cb(cb, "BH callback", allow_none=False)
-    bh = QEMUBH(ctx, cb, opaque, name or _cb_name(cb))
-    _bh_enqueue(bh, BH_SCHEDULED | BH_ONESHOT)
+    # Every completion of a block-layer callback request comes through
+    # here: exact-type checks first, and _bh_enqueue inlined.
+    if ctx.__class__ is not AioContext or ctx.closed:
+        _check_ctx(ctx)
+    if cb is None or not callable(cb):
+        _check_cb(cb, "BH callback", allow_none=False)
+    bh = QEMUBH(ctx, cb, opaque, name or _cb_name(cb), BH_PENDING | BH_SCHEDULED | BH_ONESHOT)
+    # A new BH is in no list and cannot be deleted yet, so _bh_enqueue
+    # reduces to the append (under the lock, against aio_bh_poll taking
+    # the list) and the notification.
+    lock = ctx._bh_lock
+    lock.acquire()
+    ctx._bh_list.append(bh)
+    lock.release()
+    ctx.notified = True
+    if ctx.notify_me:
+        event_notifier_set(ctx.notifier)
 
 
 def aio_bh_schedule_oneshot(ctx: AioContext, cb: Callable[[Any], None], opaque: Any = None) -> None:
