@@ -323,6 +323,43 @@ def test_unplugged_submits_each_request(ctx, image):
     _wait(ctx, lambda: len(res) == 8)
 
 
+def test_callbacks_of_one_walk_submit_in_one_batch(ctx, image):
+    """Requests queued by the callbacks of one completion walk go to the
+    kernel in one io_uring_enter after the walk (an implicit plug)."""
+    import time
+
+    fd, data, _ = image
+    s = U.aio_setup_linux_io_uring(ctx)
+    n = 16
+    res = []
+    bufs = [_buf() for _ in range(2 * n)]
+
+    def cb(i, ret):
+        res.append((i, ret))
+        if i < n:
+            U.luring_submit(None, s, fd, (i + n) * BS, QEMUIOVector(bufs[i + n]),
+                            QEMU_AIO_READ, cb, i + n)
+
+    s._walk_depth += 1  # keep the submit from reaping: all CQEs wait in the ring
+    U.luring_io_plug(None, s)
+    for i in range(n):
+        U.luring_submit(None, s, fd, i * BS, QEMUIOVector(bufs[i]), QEMU_AIO_READ, cb, i)
+    U.luring_io_unplug(None, s)
+    s._walk_depth -= 1
+    deadline = time.monotonic() + 5
+    while s.ring.cq_peek() < n and time.monotonic() < deadline:
+        s.ring.get_events(0)
+        time.sleep(0.001)
+    assert s.ring.cq_peek() == n
+    before = s.submit_calls
+    U._completion_cb(s.e)  # one walk over n completions
+    assert sum(1 for i, _ in res if i < n) == n
+    assert s.submit_calls - before == 1
+    _wait(ctx, lambda: len(res) == 2 * n)
+    assert sorted(res) == [(i, 0) for i in range(2 * n)]
+    assert all(bytes(bufs[i]) == bytes(data[i * BS:(i + 1) * BS]) for i in range(2 * n))
+
+
 def test_plugged_queue_submits_when_sq_full(ctx, image):
     """While plugged, a queue that would fill the SQ ring is submitted."""
     fd, _, _ = image

@@ -27,6 +27,8 @@ import dataclasses
 import enum
 import time
 
+_monotonic_ns = time.monotonic_ns
+
 __all__ = [
     "BlockAcctType",
     "BLOCK_ACCT_NONE",
@@ -146,11 +148,15 @@ def block_acct_setup(stats: BlockAcctStats, account_invalid: bool, account_faile
 def block_acct_start(stats: BlockAcctStats, cookie: BlockAcctCookie, bytes: int,
                      type: int) -> None:
     """Port of ``block_acct_start``: fill ``cookie`` for a request of ``bytes``."""
-    if not 0 < int(type) < _NTYPES:
+    if type.__class__ is not BlockAcctType:
+        if not 0 < int(type) < _NTYPES:
+            raise ValueError(f"block_acct_start: invalid BlockAcctType {type!r}")
+        type = BlockAcctType(type)
+    elif not type:
         raise ValueError(f"block_acct_start: invalid BlockAcctType {type!r}")
     cookie.bytes = bytes
-    cookie.start_time_ns = time.monotonic_ns()
-    cookie.type = BlockAcctType(type)
+    cookie.start_time_ns = _monotonic_ns()
+    cookie.type = type
 
 
 def _account_one_io(stats: BlockAcctStats, cookie: BlockAcctCookie, failed: bool) -> None:
@@ -159,16 +165,26 @@ def _account_one_io(stats: BlockAcctStats, cookie: BlockAcctCookie, failed: bool
     t = cookie.type
     if t == BLOCK_ACCT_NONE:
         return
-    now = time.monotonic_ns()
+    _account_request(stats, int(t), cookie.bytes, cookie.start_time_ns, failed)
+    cookie.type = BLOCK_ACCT_NONE
+
+
+def _account_request(stats: BlockAcctStats, t: int, nbytes: int, start_ns: int,
+                     failed: bool) -> None:
+    # block_account_one_io without a cookie, for the generic block layer's
+    # request path: ``t`` is a plain int (indexing with the IntEnum costs
+    # more) and ``start_ns`` the time.monotonic_ns() taken when the request
+    # started.  Same counting rules as block_acct_done/_failed.
+    now = _monotonic_ns()
     if failed:
         stats.failed_ops[t] += 1
+        if not stats.account_failed:
+            return
     else:
-        stats.nr_bytes[t] += cookie.bytes
+        stats.nr_bytes[t] += nbytes
         stats.nr_ops[t] += 1
-    if not failed or stats.account_failed:
-        stats.total_time_ns[t] += now - cookie.start_time_ns
-        stats.last_access_time_ns = now
-    cookie.type = BLOCK_ACCT_NONE
+    stats.total_time_ns[t] += now - start_ns
+    stats.last_access_time_ns = now
 
 
 def block_acct_done(stats: BlockAcctStats, cookie: BlockAcctCookie) -> None:
@@ -187,7 +203,7 @@ def block_acct_invalid(stats: BlockAcctStats, type: int) -> None:
         raise ValueError(f"block_acct_invalid: invalid BlockAcctType {type!r}")
     stats.invalid_ops[type] += 1
     if stats.account_invalid:
-        stats.last_access_time_ns = time.monotonic_ns()
+        stats.last_access_time_ns = _monotonic_ns()
 
 
 def block_acct_snapshot(stats: BlockAcctStats) -> BlockDeviceStats:

@@ -59,16 +59,20 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from typing import Any, Callable, Collection, Optional
 
 from .. import coroutine as _co
+from .._tls import _local as _tls_local
+from ..coroutine._core import _coroutine_new as _co_create, _enter as _co_enter
 from ..aio import (
     AioContext,
     aio_bh_schedule_oneshot,
+    aio_bh_schedule_oneshot_full,
     aio_wait_while,
     qemu_get_aio_context,
 )
-from ..aiocb import AIOCBInfo, BlockAIOCB, qemu_aio_get, qemu_aio_unref
+from ..aiocb import AIOCBInfo, BlockAIOCB, qemu_aio_unref
 from ..iov import (
     QEMUIOVector,
     qemu_iovec_init_buf,
@@ -84,14 +88,11 @@ from .accounting import (
     BLOCK_ACCT_READ,
     BLOCK_ACCT_UNMAP,
     BLOCK_ACCT_WRITE,
-    BlockAcctCookie,
     BlockAcctStats,
     BlockDeviceStats,
-    block_acct_done,
-    block_acct_failed,
     block_acct_invalid,
     block_acct_snapshot,
-    block_acct_start,
+    _account_request,
 )
 
 __all__ = [
@@ -158,6 +159,10 @@ PREALLOC_MODE_FULL = 3
 _ZERO_BOUNCE_MAX = 1 << 20
 
 _NOT_DONE = object()
+
+_monotonic_ns = time.monotonic_ns
+# BlockAcctType values as plain ints, for indexing the counters.
+_ACCT_READ, _ACCT_WRITE = int(BLOCK_ACCT_READ), int(BLOCK_ACCT_WRITE)
 
 # Tracked request types (BdrvTrackedRequestType)
 _TRACKED_READ, _TRACKED_WRITE, _TRACKED_DISCARD, _TRACKED_TRUNCATE = 1, 2, 3, 4
@@ -342,12 +347,18 @@ def bdrv_list_formats() -> list[str]:
 # BlockDriverState
 
 class _TrackedRequest:
-    """QEMU's ``BdrvTrackedRequest``.  Home thread only."""
+    """QEMU's ``BdrvTrackedRequest``.  Home thread only.
+
+    ``wait_queue`` is created by the first request that waits for this one:
+    almost no request is ever waited for, and a CoQueue per request would
+    be the most expensive part of tracking it.
+    """
 
     __slots__ = ("bs", "offset", "bytes", "type", "serialising", "overlap_offset",
                  "overlap_bytes", "wait_queue", "waiting_for", "co")
 
-    def __init__(self, bs: "BlockDriverState", offset: int, bytes: int, type: int) -> None:
+    def __init__(self, bs: "BlockDriverState", offset: int, bytes: int, type: int,
+                 co: Any = None) -> None:
         self.bs = bs
         self.offset = offset
         self.bytes = bytes
@@ -355,9 +366,9 @@ class _TrackedRequest:
         self.serialising = False
         self.overlap_offset = offset
         self.overlap_bytes = bytes
-        self.wait_queue = _co.CoQueue()
+        self.wait_queue: Optional[_co.CoQueue] = None
         self.waiting_for: Optional[_TrackedRequest] = None
-        self.co = _co.qemu_coroutine_self()
+        self.co = co if co is not None else _co.qemu_coroutine_self()
 
 
 class BlockDriverState:
@@ -400,7 +411,9 @@ class BlockDriverState:
         self.refcnt = 1
         self.in_flight = 0
         self.cb_depth = 0            # completion callbacks running right now
-        self.tracked_requests: list[_TrackedRequest] = []
+        # Requests in flight, in submission order; a dict (used as an
+        # ordered set) so that ending one is O(1) at any queue depth.
+        self.tracked_requests: dict[_TrackedRequest, None] = {}
         self.serialising_in_flight = 0
         self.write_gen = 0
         self.flushed_gen = 0
@@ -820,16 +833,22 @@ def bdrv_getlength(bs: BlockDriverState) -> int:
 
 def _tracked_request_begin(bs: BlockDriverState, offset: int, bytes: int, type: int) -> _TrackedRequest:
     req = _TrackedRequest(bs, offset, bytes, type)
-    bs.tracked_requests.append(req)
+    bs.tracked_requests[req] = None
     return req
 
 
 def _tracked_request_end(req: _TrackedRequest) -> None:
-    bs = req.bs
+    del req.bs.tracked_requests[req]
+    _tracked_request_end_slow(req)
+
+
+def _tracked_request_end_slow(req: _TrackedRequest) -> None:
+    # The part of _tracked_request_end that only a serialising or waited-for
+    # request needs, after it left bs.tracked_requests.
     if req.serialising:
-        bs.serialising_in_flight -= 1
-    bs.tracked_requests.remove(req)
-    _co.qemu_co_queue_restart_all(req.wait_queue)
+        req.bs.serialising_in_flight -= 1
+    if req.wait_queue is not None:
+        _co.qemu_co_queue_restart_all(req.wait_queue)
 
 
 def _overlaps(req: _TrackedRequest, offset: int, bytes: int) -> bool:
@@ -866,6 +885,8 @@ def _wait_serialising_requests(self: _TrackedRequest) -> bool:
         if req is None:
             return waited
         self.waiting_for = req
+        if req.wait_queue is None:
+            req.wait_queue = _co.CoQueue()
         _co.qemu_co_queue_wait(req.wait_queue, None)
         self.waiting_for = None
         waited = True
@@ -900,7 +921,8 @@ def _check_request(bs: BlockDriverState, offset: int, bytes: int, write: bool,
         # checked already; like QEMU's BDS-level checks, let padding reach
         # past the end (reads there are zeros).
         return 0
-    length = bdrv_getlength(bs)
+    # bdrv_getlength, inlined (the device is known to be open here).
+    length = _refresh_total_bytes(bs) if bs.has_variable_length else bs.total_bytes
     if length < 0:
         return length
     if offset > length or length - offset < bytes:
@@ -945,6 +967,8 @@ def _co_io_em(submit: Callable[[Callable, Any], Any]) -> int:
 
 
 def _ret(drv: BlockDriver, cb: str, ret: Any) -> int:
+    if ret.__class__ is int:
+        return ret
     if isinstance(ret, bool) or not isinstance(ret, int):
         raise TypeError(f"driver '{drv.format_name}' {cb} returned {ret!r}; expected 0 or -errno")
     return ret
@@ -1010,12 +1034,32 @@ def _max_transfer(bs: BlockDriverState, align: int) -> int:
 def _aligned_preadv(bs: BlockDriverState, req: _TrackedRequest, offset: int, bytes: int,
                     align: int, qiov: QEMUIOVector, qiov_offset: int, flags: int) -> int:
     # Port of bdrv_aligned_preadv.
-    _wait_serialising_requests(req)
-    total = bdrv_getlength(bs)
+    if bs.serialising_in_flight:
+        _wait_serialising_requests(req)
+    # bdrv_getlength, inlined: this runs for every read.
+    if bs.drv is None or bs.closed:
+        return -errno.ENOMEDIUM
+    total = _refresh_total_bytes(bs) if bs.has_variable_length else bs.total_bytes
     if total < 0:
         return total
+    # _max_transfer, inlined.
+    max_transfer = bs.bl.max_transfer or _INT_MAX
+    if max_transfer > _INT_MAX:
+        max_transfer = _INT_MAX
+    max_transfer -= max_transfer % align
+    if max_transfer < align:
+        max_transfer = align
+    if bytes <= max_transfer and offset + bytes <= total:
+        # The common case: one driver call.  A driver with a plain
+        # bdrv_co_preadv given the caller's whole qiov is called directly.
+        drv = bs.drv
+        fn = drv.bdrv_co_preadv
+        if (fn is not None and qiov_offset == 0 and qiov.size == bytes
+                and drv.bdrv_co_preadv_part is None):
+            ret = fn(bs, offset, bytes, qiov, flags)
+            return ret if ret.__class__ is int else _ret(drv, "bdrv_co_preadv", ret)
+        return _driver_preadv(bs, offset, bytes, qiov, qiov_offset, flags)
     max_bytes = -(-max(0, total - offset) // align) * align
-    max_transfer = _max_transfer(bs, align)
     if bytes <= max_bytes and bytes <= max_transfer:
         return _driver_preadv(bs, offset, bytes, qiov, qiov_offset, flags)
     remaining = bytes
@@ -1054,8 +1098,14 @@ def _aligned_pwritev(bs: BlockDriverState, req: _TrackedRequest, offset: int, by
     # Port of bdrv_aligned_pwritev.
     if bs.drv is None:
         return -errno.ENOMEDIUM
-    _wait_serialising_requests(req)
-    max_transfer = _max_transfer(bs, align)
+    if bs.serialising_in_flight:
+        _wait_serialising_requests(req)
+    max_transfer = bs.bl.max_transfer or _INT_MAX   # _max_transfer, inlined
+    if max_transfer > _INT_MAX:
+        max_transfer = _INT_MAX
+    max_transfer -= max_transfer % align
+    if max_transfer < align:
+        max_transfer = align
     if flags & BDRV_REQ_ZERO_WRITE:
         ret = _do_pwrite_zeroes(bs, offset, bytes, flags)
     elif bytes <= max_transfer:
@@ -1160,6 +1210,31 @@ def _co_preadv_part(bs: BlockDriverState, offset: int, bytes: int, qiov: QEMUIOV
     # Port of bdrv_co_preadv_part (after the checks).
     if bytes == 0:
         return 0
+    align = bs.bl.request_alignment
+    if align > 1 and (offset | bytes) & (align - 1):
+        return _co_preadv_padded(bs, offset, bytes, qiov, qiov_offset, flags)
+    # Aligned: no padding, no bounce buffer; still tracked, because a
+    # serialising request that comes later must wait for this one.
+    bs.in_flight += 1
+    try:
+        co = _tls_local.lt.co
+    except AttributeError:
+        co = None
+    req = _TrackedRequest(bs, offset, bytes, _TRACKED_READ, co)
+    bs.tracked_requests[req] = None
+    try:
+        return _aligned_preadv(bs, req, offset, bytes, align, qiov, qiov_offset, flags)
+    finally:
+        # _tracked_request_end and bdrv_dec_in_flight, inlined
+        del bs.tracked_requests[req]
+        if req.wait_queue is not None or req.serialising:
+            _tracked_request_end_slow(req)
+        bs.in_flight -= 1
+
+
+def _co_preadv_padded(bs: BlockDriverState, offset: int, bytes: int, qiov: QEMUIOVector,
+                      qiov_offset: int, flags: int) -> int:
+    # _co_preadv_part for a request that needs padding to the alignment.
     bdrv_inc_in_flight(bs)
     pad = None
     try:
@@ -1187,8 +1262,26 @@ def _co_pwritev_part(bs: BlockDriverState, offset: int, bytes: int, qiov: Option
     # Port of bdrv_co_pwritev_part (after the checks).
     if bytes == 0:
         return 0
-    bdrv_inc_in_flight(bs)
     align = bs.bl.request_alignment
+    if not flags & BDRV_REQ_ZERO_WRITE and (align == 1 or not (offset | bytes) & (align - 1)):
+        # Aligned: no read-modify-write, nothing to serialise against
+        # unless another request is serialising.
+        bs.in_flight += 1
+        try:
+            co = _tls_local.lt.co
+        except AttributeError:
+            co = None
+        req = _TrackedRequest(bs, offset, bytes, _TRACKED_WRITE, co)
+        bs.tracked_requests[req] = None
+        try:
+            return _aligned_pwritev(bs, req, offset, bytes, align, qiov, qiov_offset, flags)
+        finally:
+            # _tracked_request_end and bdrv_dec_in_flight, inlined
+            del bs.tracked_requests[req]
+            if req.wait_queue is not None or req.serialising:
+                _tracked_request_end_slow(req)
+            bs.in_flight -= 1
+    bdrv_inc_in_flight(bs)
     pad = None
     try:
         length_before = bdrv_getlength(bs)
@@ -1309,37 +1402,89 @@ def _do_pwrite_zeroes(bs: BlockDriverState, offset: int, bytes: int, flags: int)
 
 def _account(bs: BlockDriverState, type: int, nbytes: int, fn: Callable[[], int],
              end: int = 0) -> int:
-    cookie = BlockAcctCookie()
-    block_acct_start(bs.acct, cookie, nbytes, type)
+    acct = bs.acct
+    start = _monotonic_ns()
     try:
         ret = fn()
     except BaseException:
-        block_acct_failed(bs.acct, cookie)
+        _account_request(acct, type, nbytes, start, True)
+        raise
+    _account_request(acct, type, nbytes, start, ret < 0)
+    if ret >= 0 and end > acct.wr_highest_offset:
+        acct.wr_highest_offset = end  # the caller's range, not the padding
+    return ret
+
+
+def _preadv_checked(bs: BlockDriverState, offset: int, bytes: int, qiov: QEMUIOVector,
+                    qiov_offset: int, flags: int) -> int:
+    # bdrv_co_preadv_part once the argument types are known to be right:
+    # the request checks, accounting and the read.  Every read goes through
+    # here exactly once (bdrv_co_preadv* and bdrv_aio_preadv).
+    ret = _check_request(bs, offset, bytes, False)
+    if ret < 0:
+        block_acct_invalid(bs.acct, BLOCK_ACCT_READ)
+        return ret
+    start = _monotonic_ns()
+    try:
+        ret = _co_preadv_part(bs, offset, bytes, qiov, qiov_offset, flags)
+    except BaseException:
+        _account_request(bs.acct, _ACCT_READ, bytes, start, True)
+        raise
+    _account_request(bs.acct, _ACCT_READ, bytes, start, ret < 0)
+    return ret
+
+
+def _pwritev_checked(bs: BlockDriverState, offset: int, bytes: int,
+                     qiov: Optional[QEMUIOVector], qiov_offset: int, flags: int) -> int:
+    # The write counterpart of _preadv_checked.
+    ret = _check_request(bs, offset, bytes, True)
+    if ret < 0:
+        block_acct_invalid(bs.acct, BLOCK_ACCT_WRITE)
+        return ret
+    acct = bs.acct
+    start = _monotonic_ns()
+    try:
+        ret = _co_pwritev_part(bs, offset, bytes, qiov, qiov_offset, flags)
+    except BaseException:
+        _account_request(acct, _ACCT_WRITE, bytes, start, True)
         raise
     if ret < 0:
-        block_acct_failed(bs.acct, cookie)
+        _account_request(acct, _ACCT_WRITE, bytes, start, True)
     else:
-        block_acct_done(bs.acct, cookie)
-        if end > bs.acct.wr_highest_offset:
-            bs.acct.wr_highest_offset = end  # the caller's range, not the padding
+        _account_request(acct, _ACCT_WRITE, bytes, start, False)
+        end = offset + bytes
+        if end > acct.wr_highest_offset:
+            acct.wr_highest_offset = end  # the caller's range, not the padding
     return ret
+
+
+def _check_rw_args(fn: str, bs: Any, offset: Any, bytes: Any, qiov: Any, qiov_offset: Any,
+                   flags: Any, for_read: bool) -> None:
+    # The full checks of bdrv_co_preadv_part/pwritev_part, in their order;
+    # only reached when a fast exact-type check failed, so it either raises
+    # or accepts a subclass.
+    _check_bs(bs, fn)
+    _require_co(fn)
+    _check_int(qiov_offset, fn, "qiov_offset")
+    _check_qiov_args(fn, offset, bytes, qiov, qiov_offset, flags, for_read)
 
 
 def bdrv_co_preadv_part(bs: BlockDriverState, offset: int, bytes: int, qiov: QEMUIOVector,
                         qiov_offset: int, flags: int = 0) -> int:
     """Port of ``bdrv_co_preadv_part``: read ``bytes`` at ``offset`` into
     ``qiov`` starting at ``qiov_offset``.  Coroutine only; 0 or -errno."""
-    fn = "bdrv_co_preadv"
-    _check_bs(bs, fn)
-    _require_co(fn)
-    _check_int(qiov_offset, fn, "qiov_offset")
-    _check_qiov_args(fn, offset, bytes, qiov, qiov_offset, flags, True)
-    ret = _check_request(bs, offset, bytes, False)
-    if ret < 0:
-        block_acct_invalid(bs.acct, BLOCK_ACCT_READ)
-        return ret
-    return _account(bs, BLOCK_ACCT_READ, bytes,
-                    lambda: _co_preadv_part(bs, offset, bytes, qiov, qiov_offset, flags))
+    if (bs.__class__ is not BlockDriverState or offset.__class__ is not int
+            or bytes.__class__ is not int or qiov.__class__ is not QEMUIOVector
+            or qiov_offset.__class__ is not int or flags.__class__ is not int):
+        _check_rw_args("bdrv_co_preadv", bs, offset, bytes, qiov, qiov_offset, flags, True)
+    else:
+        try:
+            in_co = _tls_local.lt.co is not None
+        except AttributeError:
+            in_co = False
+        if not in_co or (bytes > 0 and (qiov_offset + bytes > qiov.size or qiov.readonly)):
+            _check_rw_args("bdrv_co_preadv", bs, offset, bytes, qiov, qiov_offset, flags, True)
+    return _preadv_checked(bs, offset, bytes, qiov, qiov_offset, flags)
 
 
 def bdrv_co_preadv(bs: BlockDriverState, offset: int, bytes: int, qiov: QEMUIOVector,
@@ -1351,20 +1496,20 @@ def bdrv_co_preadv(bs: BlockDriverState, offset: int, bytes: int, qiov: QEMUIOVe
 def bdrv_co_pwritev_part(bs: BlockDriverState, offset: int, bytes: int, qiov: QEMUIOVector,
                          qiov_offset: int, flags: int = 0) -> int:
     """Port of ``bdrv_co_pwritev_part``.  Coroutine only; 0 or -errno."""
-    fn = "bdrv_co_pwritev"
-    _check_bs(bs, fn)
-    _require_co(fn)
-    _check_int(qiov_offset, fn, "qiov_offset")
-    if flags & BDRV_REQ_ZERO_WRITE and qiov is None:
-        qiov = QEMUIOVector()
-    _check_qiov_args(fn, offset, bytes, qiov, qiov_offset, flags, False)
-    ret = _check_request(bs, offset, bytes, True)
-    if ret < 0:
-        block_acct_invalid(bs.acct, BLOCK_ACCT_WRITE)
-        return ret
-    return _account(bs, BLOCK_ACCT_WRITE, bytes,
-                    lambda: _co_pwritev_part(bs, offset, bytes, qiov, qiov_offset, flags),
-                    offset + bytes)
+    if (bs.__class__ is not BlockDriverState or offset.__class__ is not int
+            or bytes.__class__ is not int or qiov.__class__ is not QEMUIOVector
+            or qiov_offset.__class__ is not int or flags.__class__ is not int):
+        if flags.__class__ is int and flags & BDRV_REQ_ZERO_WRITE and qiov is None:
+            qiov = QEMUIOVector()
+        _check_rw_args("bdrv_co_pwritev", bs, offset, bytes, qiov, qiov_offset, flags, False)
+    else:
+        try:
+            in_co = _tls_local.lt.co is not None
+        except AttributeError:
+            in_co = False
+        if not in_co or (bytes > 0 and qiov_offset + bytes > qiov.size):
+            _check_rw_args("bdrv_co_pwritev", bs, offset, bytes, qiov, qiov_offset, flags, False)
+    return _pwritev_checked(bs, offset, bytes, qiov, qiov_offset, flags)
 
 
 def bdrv_co_pwritev(bs: BlockDriverState, offset: int, bytes: int, qiov: QEMUIOVector,
@@ -1663,9 +1808,26 @@ def bdrv_truncate(bs: BlockDriverState, offset: int, exact: bool = False,
 # Callback API (blk_aio_prwv, blk_aio_complete)
 
 class BlkAioEmAIOCB(BlockAIOCB):
-    """QEMU's ``BlkAioEmAIOCB``: a coroutine request with a callback."""
+    """QEMU's ``BlkAioEmAIOCB``: a coroutine request with a callback.
 
-    __slots__ = ("ret", "has_returned", "fn")
+    Reads and writes carry their arguments in the AIOCB itself (QEMU's
+    ``BlkRwCo``: ``offset``, ``qiov``, ``flags``); other requests carry the
+    call to make in ``fn``.
+    """
+
+    __slots__ = ("ret", "has_returned", "fn", "offset", "qiov", "flags")
+
+    def __init__(self, aiocb_info: AIOCBInfo, bs: Any, cb: Any, opaque: Any) -> None:
+        # BlockAIOCB.__init__, inlined: one object per request.
+        self.aiocb_info = aiocb_info
+        self.bs = bs
+        self.cb = cb
+        self.opaque = opaque
+        self.refcnt = 1
+        self.ret = _NOT_DONE
+        self.has_returned = False
+        self.fn = None
+        self.qiov = None
 
 
 def _blk_aio_get_aio_context(acb: BlockAIOCB) -> AioContext:
@@ -1683,12 +1845,20 @@ def _blk_aio_complete(acb: BlkAioEmAIOCB) -> None:
     bs = acb.bs
     bs.cb_depth += 1
     try:
-        if acb.cb is not None:
-            acb.cb(acb.opaque, acb.ret)
+        cb = acb.cb
+        if cb is not None:
+            cb(acb.opaque, acb.ret)
     finally:
         bs.cb_depth -= 1
-        bdrv_dec_in_flight(bs)
-        qemu_aio_unref(acb)
+        if bs.in_flight > 0:
+            bs.in_flight -= 1
+        else:
+            bdrv_dec_in_flight(bs)  # raises
+        # qemu_aio_unref, inlined (a freed AIOCB still raises).
+        if acb.refcnt > 0:
+            acb.refcnt -= 1
+        else:
+            qemu_aio_unref(acb)
 
 
 def _blk_aio_entry(acb: BlkAioEmAIOCB) -> None:
@@ -1697,23 +1867,57 @@ def _blk_aio_entry(acb: BlkAioEmAIOCB) -> None:
     _blk_aio_complete(acb)
 
 
+def _blk_aio_read_entry(acb: BlkAioEmAIOCB) -> None:
+    # Port of blk_aio_read_entry; the arguments were checked at submit.
+    qiov = acb.qiov
+    acb.ret = _preadv_checked(acb.bs, acb.offset, qiov.size, qiov, 0, acb.flags)
+    acb.qiov = None
+    if acb.has_returned:  # else the submit schedules the completion BH
+        _blk_aio_complete(acb)
+
+
+def _blk_aio_write_entry(acb: BlkAioEmAIOCB) -> None:
+    # Port of blk_aio_write_entry.
+    qiov = acb.qiov
+    acb.ret = _pwritev_checked(acb.bs, acb.offset, qiov.size, qiov, 0, acb.flags)
+    acb.qiov = None
+    if acb.has_returned:  # else the submit schedules the completion BH
+        _blk_aio_complete(acb)
+
+
+def _blk_aio_start(bs: BlockDriverState, acb: BlkAioEmAIOCB, entry: Callable[[Any], None],
+                   name: str) -> BlockAIOCB:
+    # Port of blk_aio_prwv after the AIOCB is filled in: the coroutine runs
+    # the request right away; if it finished without yielding, the callback
+    # still waits for a BH, so it never runs before the submit returned.
+    bs.in_flight += 1  # bdrv_inc_in_flight
+    ctx = bs.aio_context
+    co = _co_create(entry, acb, name)
+    try:
+        # aio_co_enter: the common case (the home thread, outside any
+        # coroutine) enters directly.
+        try:
+            lt = _tls_local.lt
+        except AttributeError:
+            lt = None
+        if lt is not None and lt.ctx is ctx and lt.co is None:
+            _co_enter(lt, ctx, co)
+        else:
+            _co.aio_co_enter(ctx, co)
+    finally:
+        acb.has_returned = True
+    if acb.ret is not _NOT_DONE:
+        aio_bh_schedule_oneshot_full(ctx, _blk_aio_complete, acb, "blk_aio_complete")
+    return acb
+
+
 def _blk_aio_prwv(fn: str, bs: BlockDriverState, call: Callable[[], int],
                   cb: Any, opaque: Any) -> BlockAIOCB:
     if cb is not None and not callable(cb):
         raise TypeError(f"{fn}: cb must be callable, got {type(cb).__name__}")
-    bdrv_inc_in_flight(bs)
-    acb = qemu_aio_get(_blk_aio_em_aiocb_info, bs, cb, opaque)
-    acb.ret = _NOT_DONE
-    acb.has_returned = False
+    acb = BlkAioEmAIOCB(_blk_aio_em_aiocb_info, bs, cb, opaque)
     acb.fn = call
-    co = _co.qemu_coroutine_create(_blk_aio_entry, acb)
-    try:
-        _co.aio_co_enter(bs.aio_context, co)
-    finally:
-        acb.has_returned = True
-    if acb.ret is not _NOT_DONE:
-        aio_bh_schedule_oneshot(bs.aio_context, _blk_aio_complete, acb)
-    return acb
+    return _blk_aio_start(bs, acb, _blk_aio_entry, "_blk_aio_entry")
 
 
 def bdrv_aio_preadv(bs: BlockDriverState, offset: int, qiov: QEMUIOVector, flags: int,
@@ -1721,23 +1925,37 @@ def bdrv_aio_preadv(bs: BlockDriverState, offset: int, qiov: QEMUIOVector, flags
     """Port of ``blk_aio_preadv``: read ``qiov.size`` bytes at ``offset``,
     then ``cb(opaque, ret)`` once (never before this returns).  Wrong types
     raise at once; refused requests call back with -errno."""
-    fn = "bdrv_aio_preadv"
-    _check_bs(bs, fn)
-    _check_qiov_args(fn, offset, 0, qiov, 0, flags, True)
+    if (bs.__class__ is not BlockDriverState or offset.__class__ is not int
+            or qiov.__class__ is not QEMUIOVector or flags.__class__ is not int):
+        fn = "bdrv_aio_preadv"
+        _check_bs(bs, fn)
+        _check_qiov_args(fn, offset, 0, qiov, 0, flags, True)
     if qiov.readonly:
-        raise TypeError(f"{fn}: cannot read into a read-only qiov")
-    return _blk_aio_prwv(fn, bs, lambda: bdrv_co_preadv(bs, offset, qiov.size, qiov, flags),
-                         cb, opaque)
+        raise TypeError("bdrv_aio_preadv: cannot read into a read-only qiov")
+    if cb is not None and not callable(cb):
+        raise TypeError(f"bdrv_aio_preadv: cb must be callable, got {type(cb).__name__}")
+    acb = BlkAioEmAIOCB(_blk_aio_em_aiocb_info, bs, cb, opaque)
+    acb.offset = offset
+    acb.qiov = qiov
+    acb.flags = flags
+    return _blk_aio_start(bs, acb, _blk_aio_read_entry, "_blk_aio_read_entry")
 
 
 def bdrv_aio_pwritev(bs: BlockDriverState, offset: int, qiov: QEMUIOVector, flags: int,
                      cb: Any, opaque: Any) -> BlockAIOCB:
     """Port of ``blk_aio_pwritev``."""
-    fn = "bdrv_aio_pwritev"
-    _check_bs(bs, fn)
-    _check_qiov_args(fn, offset, 0, qiov, 0, flags, False)
-    return _blk_aio_prwv(fn, bs, lambda: bdrv_co_pwritev(bs, offset, qiov.size, qiov, flags),
-                         cb, opaque)
+    if (bs.__class__ is not BlockDriverState or offset.__class__ is not int
+            or qiov.__class__ is not QEMUIOVector or flags.__class__ is not int):
+        fn = "bdrv_aio_pwritev"
+        _check_bs(bs, fn)
+        _check_qiov_args(fn, offset, 0, qiov, 0, flags, False)
+    if cb is not None and not callable(cb):
+        raise TypeError(f"bdrv_aio_pwritev: cb must be callable, got {type(cb).__name__}")
+    acb = BlkAioEmAIOCB(_blk_aio_em_aiocb_info, bs, cb, opaque)
+    acb.offset = offset
+    acb.qiov = qiov
+    acb.flags = flags
+    return _blk_aio_start(bs, acb, _blk_aio_write_entry, "_blk_aio_write_entry")
 
 
 def bdrv_aio_flush(bs: BlockDriverState, cb: Any, opaque: Any) -> BlockAIOCB:

@@ -37,6 +37,9 @@ Deviations from QEMU, each for a reason given where it is implemented:
 
 * in-flight requests are capped at the CQ ring size (pre-5.5 kernels drop
   completions that do not fit);
+* requests that completion callbacks submit are queued while the walk runs
+  and submitted together after it (an implicit plug; QEMU submits each at
+  once unless the caller plugged);
 * a submit the kernel refuses with nothing in flight is retried from a
   timer, not in a loop; a request that keeps completing with ``-EAGAIN``
   (a non-blocking fd) stops being resubmitted after ``MAX_EAGAIN_RETRIES``;
@@ -230,8 +233,6 @@ class LuringState:
         self._next_id = 1
         # Depth of completion walks on the stack; see ioq_submit.
         self._walk_depth = 0
-        # A request went back to the queue during a walk: see _process_completions.
-        self._resubmitted = False
         self._retry_timer: Any = None
         self._retry_ms = 1
         try:
@@ -309,13 +310,12 @@ def luring_probe() -> tuple[bool, str]:
 def _luring_resubmit(s: LuringState, luringcb: LuringAIOCB) -> None:
     """Port of ``luring_resubmit``: put the request back at the queue's tail.
 
-    The caller makes sure ioq_submit runs later: a walk that resubmitted
-    leaves its BH scheduled when the queue is not plugged.
+    The caller makes sure ioq_submit runs later: every walk is followed by
+    a submit of the queue, or by the BH that does it (see ioq_submit).
     """
     s.io_q.pending.append(luringcb)
     s.io_q.in_queue += 1
     s.resubmits += 1
-    s._resubmitted = True
 
 
 def _resubmit_short_read(s: LuringState, luringcb: LuringAIOCB, nread: int) -> None:
@@ -408,7 +408,7 @@ def _luring_complete(s: LuringState, luringcb: LuringAIOCB, ret: int) -> None:
     _luring_finish(luringcb)
 
 
-def _process_completions(s: LuringState, clear: bool = False) -> None:
+def _process_completions(s: LuringState, clear: bool = False) -> int:
     """Port of ``luring_process_completions``: the re-entrant walk.
 
     Request completion callbacks can run a nested event loop.  Schedule the
@@ -426,6 +426,8 @@ def _process_completions(s: LuringState, clear: bool = False) -> None:
     a CQE posted before the re-check is reaped, one posted after it sets
     the eventfd again.  QEMU polls the ring fd instead, which has no such
     count.
+
+    Returns how many CQEs this walk reaped.
     """
     bh = s.completion_bh
     qemu_bh_schedule(bh)
@@ -472,14 +474,8 @@ def _process_completions(s: LuringState, clear: bool = False) -> None:
             break
     finally:
         s._walk_depth -= 1
-    if (s._resubmitted or (total and io_q.in_queue > 0)) and not io_q.plugged \
-            and s._walk_depth == 0:
-        # Requests are queued and this walk made room for them (or put them
-        # back): leave the BH scheduled so that it submits them, even if no
-        # further completion comes to do it (the eventfd was consumed).
-        s._resubmitted = False
-        return
     qemu_bh_cancel(bh)
+    return total
 
 
 def _process_completions_and_submit(s: LuringState, clear: bool = False) -> None:
@@ -627,12 +623,23 @@ def ioq_submit(s: LuringState) -> int:
             break
     io_q.blocked = io_q.in_queue > 0
 
-    if io_q.in_flight and s._walk_depth == 0:
+    if io_q.in_flight and s._walk_depth == 0 and not _in_coroutine():
         # We can try to complete something just right away if there are
         # still requests in flight.  Not from inside a completion walk (a
         # callback that submits): the walk on the stack picks the new CQEs
         # up itself, and reaping here would recurse once per request.
-        _process_completions(s)
+        # Not from inside a coroutine (luring_co_submit): the coroutines it
+        # woke would run depth first after the submitting one, each
+        # submitting and reaping again, while coroutines queued earlier
+        # waited for the whole chain (requests delayed by over a second at
+        # QD 32); the event loop's handler enters them in ring order.
+        if _process_completions(s) and io_q.in_queue > 0 and not io_q.plugged:
+            # The callbacks queued (or resubmitted) requests, or made room
+            # for queued ones.  Submitting them here could go on for as
+            # long as completions are ready at once (cached reads), so the
+            # BH does it in the next event-loop iteration; no completion
+            # may be left to do it (the eventfd was consumed).
+            qemu_bh_schedule(s.completion_bh)
     return ret
 
 
@@ -690,7 +697,11 @@ def _luring_do_submit(fd: int, luringcb: LuringAIOCB, s: LuringState, offset: in
     io_q = s.io_q
     io_q.pending.append(luringcb)
     io_q.in_queue += 1
-    if not io_q.blocked and (not io_q.plugged or io_q.in_queue >= _max_batch(s)):
+    # Inside a completion walk the queue is implicitly plugged: the walk is
+    # followed by one submit of everything its callbacks queued (one
+    # io_uring_enter per batch of completions instead of one per request).
+    if not io_q.blocked and ((not io_q.plugged and s._walk_depth == 0)
+                             or io_q.in_queue >= _max_batch(s)):
         ret = ioq_submit(s)
         # A refused submit is not the request's failure: it stays queued.
         return ret if ret > 0 else 0

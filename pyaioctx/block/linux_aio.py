@@ -330,13 +330,22 @@ def _process_completions(s: LinuxAioState) -> None:
     # loop.  If we are the last, all counters dropped to zero.
     s.event_max = 0
     s.event_idx = 0
+    # Later QEMU's defer_call_end: what the callbacks of this walk submitted
+    # goes to the kernel now, in one io_submit.  Not earlier: a walk that
+    # submitted between batches would find the new completions at its next
+    # peek and, on a device faster than the callbacks, never end -- the
+    # event loop (timers, other fds) starved for the whole run.  Not from a
+    # nested walk either: the outer one submits when it is done.
+    io_q = s.io_q
+    if not s.walk_depth and io_q.pending and not io_q.plugged and not io_q.blocked:
+        _ioq_submit(s)
 
 
 def _walk_ring(s: LinuxAioState) -> None:
     """The walk over the user-space ring (the seed's peek/commit loop).
 
-    Between batches it submits what the callbacks of the batch queued, in
-    one io_submit (see :func:`_submit_deferred`), before peeking again.
+    It ends when the ring is empty; what the callbacks submitted meanwhile
+    is queued and submitted by :func:`_process_completions` afterwards.
     """
     ring = s.ring
     u64 = ring.u64
@@ -352,8 +361,6 @@ def _walk_ring(s: LinuxAioState) -> None:
         if idx:
             hdr[2] = (hdr[2] + idx) % nr
             s.event_idx = 0
-        if io_q.pending:
-            _submit_deferred(s)
         head = hdr[2] % nr
         tail = hdr[3] % nr  # loaded before the events it covers
         n = tail - head if tail >= head else nr - head
@@ -386,8 +393,6 @@ def _process_completions_syscall(s: LinuxAioState) -> None:
     io_q = s.io_q
     while True:
         if s.event_idx >= s.event_max:
-            if io_q.pending:
-                _submit_deferred(s)
             s.getevents_calls += 1
             n = aio_abi.io_getevents_nowait(s.ctx_id, len(s._events), s._events)
             s.event_idx = 0
@@ -405,32 +410,14 @@ def _process_completions_syscall(s: LinuxAioState) -> None:
             _process_completion(laiocb)
 
 
-def _submit_deferred(s: LinuxAioState) -> None:
-    """Submit, between two batches of a completion walk, what it queued.
-
-    Requests submitted by completion callbacks are queued while a walk runs
-    (later QEMU brackets the walk with defer_call_begin/end for the same
-    reason): one io_submit per batch instead of one per request, and no
-    walk nested inside every submitting callback.  The walk peeks the ring
-    right after, so requests that completed inside io_submit are picked up
-    by the same loop.  A user plug is respected, and a queue blocked by
-    -EAGAIN is left to :func:`_process_completions_and_submit`.
-    """
-    io_q = s.io_q
-    if io_q.plugged or io_q.blocked:
-        return
-    # The walk's cursor must be consistent if a failed request's callback
-    # runs a nested walk from here.
-    s.event_idx = s.event_max = 0
-    ioq_submit(s)
-
-
 def _process_completions_and_submit(s: LinuxAioState) -> None:
     """Port of ``qemu_laio_process_completions_and_submit``."""
     _process_completions(s)
     io_q = s.io_q
     if not io_q.plugged and io_q.pending:
-        ioq_submit(s)
+        # No reaping walk from here: the eventfd brings us back for the
+        # completions of what this submits (see ioq_submit).
+        _ioq_submit(s)
 
 
 def _completion_bh(s: LinuxAioState) -> None:
@@ -494,7 +481,31 @@ def _max_batch(s: LinuxAioState) -> int:
 
 
 def ioq_submit(s: LinuxAioState) -> None:
-    """Port of ``ioq_submit``: hand queued requests to the kernel."""
+    """Port of ``ioq_submit``: hand queued requests to the kernel, then (as
+    later QEMU) reap what already completed -- unless that would run inside
+    a completion walk or a coroutine (see below)."""
+    _ioq_submit(s)
+    if s.io_q.in_flight and not s.walk_depth and not _in_coroutine():
+        # Later QEMU: try to complete something right away.  Even if every
+        # request completed, requests may remain queued; the eventfd is
+        # still set, so the completion handler will submit them shortly --
+        # do not loop here (that could hang).
+        # Not from inside a completion walk (a callback that submits): the
+        # running walk peeks the ring again as soon as the callback
+        # returns, so nothing waits longer, and reaping here would nest one
+        # walk per completion.
+        # Not from inside a coroutine (laio_co_submit): the coroutines this
+        # walk woke would be queued behind the submitting one and run depth
+        # first, each submitting and reaping again, while coroutines queued
+        # earlier -- new requests of the same caller -- waited for the whole
+        # chain to end (seen as requests not even submitted for over a
+        # second, QD 32 on a fast disk).  The event loop's completion
+        # handler enters woken coroutines one at a time, in ring order.
+        _process_completions(s)
+
+
+def _ioq_submit(s: LinuxAioState) -> None:
+    # The submission loop of ioq_submit, without reaping afterwards.
     io_q = s.io_q
     pending = io_q.pending
     iocbpp = s._iocbpp
@@ -534,19 +545,6 @@ def ioq_submit(s: LinuxAioState) -> None:
             break
     io_q.blocked = io_q.in_queue > 0
 
-    if io_q.in_flight and not s.walk_depth:
-        # Later QEMU: try to complete something right away.  Even if every
-        # request completed, requests may remain queued; the eventfd is
-        # still set, so the completion handler will submit them shortly --
-        # do not loop here (that could hang).
-        # Not from inside a completion walk (a callback that submits): the
-        # running walk peeks the ring again as soon as the callback
-        # returns, so nothing waits longer, and reaping here would nest one
-        # walk per completion -- unbounded recursion when a callback
-        # resubmits while completions keep arriving (deep queues, or
-        # buffered I/O that completes inside io_submit).
-        _process_completions(s)
-
 
 def _laio_do_submit(s: LinuxAioState, fd: int, laiocb: QemuLaiocb, offset: int, type: int) -> int:
     """Port of ``laio_do_submit``: prepare the iocb and queue it."""
@@ -578,8 +576,8 @@ def _laio_do_submit(s: LinuxAioState, fd: int, laiocb: QemuLaiocb, offset: int, 
                 ioq_submit(s)
         elif s.walk_depth:
             # Submitted by a completion callback: the running walk submits
-            # it after this batch (or at aio_max_batch queued, when the
-            # context sets one).  Should the callback block in a nested
+            # it when it ends (or at aio_max_batch queued, when the context
+            # sets one).  Should the callback block in a nested
             # aio_poll first, the completion BH submits it.
             cap = s.aio_context.aio_max_batch
             if cap and io_q.in_queue >= cap:

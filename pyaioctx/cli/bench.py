@@ -32,7 +32,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 from ..aio import aio_poll, qemu_init_main_loop
@@ -122,9 +122,10 @@ class BenchResult:
         return lat[k] / 1000.0
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("latencies_ns")
-        d.pop("cpu_seconds")
+        # Not dataclasses.asdict: it deep-copies latencies_ns, one entry per
+        # request, only for it to be dropped.
+        d = {f.name: getattr(self, f.name) for f in fields(self)
+             if f.name not in ("latencies_ns", "cpu_seconds")}
         secs = self.seconds if self.seconds > 0 else float("nan")
         d["iops"] = self.requests / secs if self.seconds > 0 else 0.0
         d["mib_per_s"] = d["iops"] * self.bufsize / (1 << 20)
@@ -448,6 +449,8 @@ class _Bench:
         qemu_iovec_init_buf(self.qiov, mv[:o.bufsize])
         self.slots = max(1, (image_size - o.bufsize) // self.step + 1) \
             if image_size >= o.bufsize and self.step else 1
+        # The completion callback of every request: bound once, not per request.
+        self._done = self.cb
 
     def _next_offset(self) -> int:
         if self.rand:
@@ -498,9 +501,6 @@ class _Bench:
                 bdrv_aio_pwritev(self.bs, offset, self.qiov, 0, self._done, t)
             else:
                 bdrv_aio_preadv(self.bs, offset, self.qiov, 0, self._done, t)
-
-    def _done(self, submitted: int, ret: int) -> None:
-        self.cb(submitted, ret)
 
     def _undrained_flush_cb(self, _: Any, ret: int) -> None:
         if ret < 0 and not self.error:

@@ -248,6 +248,16 @@ def qemu_coroutine_create(entry: Callable[[Any], None], opaque: Any = None) -> C
     return Coroutine(entry, opaque, backend, _name_of(entry))
 
 
+def _coroutine_new(entry: Callable[[Any], None], opaque: Any, name: str) -> Coroutine:
+    """``qemu_coroutine_create`` for callers inside pyaioctx that pass a
+    plain function and its name: no checks, no name lookup (the block
+    layer creates one coroutine per request)."""
+    backend = _active
+    if backend is None:  # pragma: no cover - set at package import
+        raise CoroutineError("no coroutine backend is active")
+    return Coroutine(entry, opaque, backend, name)
+
+
 def _check_co(co: object, fn: str) -> Coroutine:
     if co.__class__ is not Coroutine:
         raise TypeError(f"{fn}: expected a Coroutine, got {type(co).__name__}")
@@ -330,6 +340,14 @@ def _enter(lt: Any, ctx: Optional[AioContext], co: Coroutine) -> None:
             wake.clear()
         if ret is COROUTINE_YIELD:
             to._state = _SUSPENDED
+        elif to._exc is None and not to.locks_held:
+            # _terminated, inlined for the common case (nothing to report).
+            to._state = _TERMINATED
+            to.caller = None
+            to.entry = None
+            to.entry_arg = None
+            to._lt = None
+            to._ret = None
         else:
             exc = _terminated(to, ret)
             if exc is not None:
@@ -508,7 +526,7 @@ def aio_co_enter(ctx: Optional[AioContext], co: Coroutine) -> None:
             raise CoroutineError(f"aio_co_enter: coroutine {co.name!r} entering itself")
         self.co_queue_wakeup.append(co)
     else:
-        qemu_aio_coroutine_enter(ctx, co)
+        _enter(lt, ctx, co)  # qemu_aio_coroutine_enter, with lt known
 
 
 def aio_co_wake(co: Coroutine) -> None:

@@ -59,6 +59,7 @@ class GreenletBackend:
     def _loop(self, co: Optional[Coroutine]) -> CoroutineAction:
         """Body of every coroutine greenlet: run coroutines until the pool is full."""
         pool = self._pool()
+        me = getcurrent()  # this greenlet, for its whole life
         while True:
             try:
                 co.entry(co.entry_arg)  # type: ignore[union-attr,misc]
@@ -71,7 +72,6 @@ class GreenletBackend:
             co = None  # a parked greenlet must not keep its last coroutine alive
             if len(pool) >= self.pool_max:
                 return COROUTINE_TERMINATE  # finish; control goes to the parent
-            me = getcurrent()
             pool.append(me)
             # Park: the enterer sees TERMINATE; the next first-enter in this
             # thread switches back here with its coroutine.
