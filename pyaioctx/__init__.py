@@ -28,8 +28,6 @@ from .thread_pool import *  # noqa: F401,F403
 from .thread_pool import __all__ as _thread_pool_all
 from .iov import *  # noqa: F401,F403
 from .iov import __all__ as _iov_all
-from .block.raw_aio import *  # noqa: F401,F403
-from .block.raw_aio import __all__ as _raw_aio_all
 from .block.linux_aio import *  # noqa: F401,F403
 from .block.linux_aio import __all__ as _linux_aio_all
 from .block.io_uring import *  # noqa: F401,F403
@@ -39,5 +37,5 @@ from .block import __all__ as _block_all
 from .nbd.server import NBDExport, NBDServer
 
 __all__ = ["__version__", *_en_all, *_timer_all, *_aio_all, *_coroutine_all, *_aiocb_all, *_thread_pool_all,
-           *_iov_all, *_raw_aio_all, *_linux_aio_all, *_io_uring_all, *_block_all,
+           *_iov_all, *_linux_aio_all, *_io_uring_all, *_block_all,
            "NBDExport", "NBDServer"]

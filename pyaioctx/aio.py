@@ -93,6 +93,7 @@ __all__ = [
     "qemu_get_current_aio_context",
     "qemu_set_current_aio_context",
     "aio_wait_while",
+    "AIO_WAIT_WHILE",
     "aio_wait_bh_oneshot",
     "aio_wait_kick",
 ]
@@ -1177,6 +1178,11 @@ def aio_wait_while(ctx: Optional[AioContext], cond: Callable[[], bool]) -> bool:
         else:
             time.sleep(0.0005)
     return waited
+
+
+#: QEMU's macro name, for code ported line by line: ``AIO_WAIT_WHILE(ctx, cond)``
+#: with ``cond`` a callable.
+AIO_WAIT_WHILE = aio_wait_while
 
 
 def _poll_with_timeout(ctx: AioContext, ns: int) -> None:
