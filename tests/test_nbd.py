@@ -990,3 +990,96 @@ def test_cli_image_opts_and_errors(disk_dir: Path) -> None:
         p = _cli(args)
         out, err = p.communicate(timeout=TIMEOUT)
         assert p.returncode == 1 and msg in err, (args, err)
+
+
+# --------------------------------------------------------------------------
+# base:allocation from the block layer's block status
+
+def _sparse_image(path: Path) -> bytes:
+    """4 MiB: data at [64k, 128k) and [2M, 2M+8k), holes elsewhere."""
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+        f.seek(65536)
+        f.write(b"\x11" * 65536)
+        f.seek(2 << 20)
+        f.write(b"\x22" * 8192)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if os.lseek(fd, 0, os.SEEK_DATA) != 65536:
+            pytest.skip("this file system does not report holes through SEEK_DATA")
+    except OSError:
+        pytest.skip("this file system does not report holes through SEEK_DATA")
+    finally:
+        os.close(fd)
+    return path.read_bytes()
+
+
+_SPARSE_MAP = [(0, 65536, 3), (65536, 65536, 0), (131072, (2 << 20) - 131072, 3),
+               (2 << 20, 8192, 0), ((2 << 20) + 8192, SIZE - (2 << 20) - 8192, 3)]
+
+
+def _sparse_server(disk_dir: Path, **kw: Any) -> tuple[ServerThread, bytes]:
+    img = disk_dir / "sparse.img"
+    data = _sparse_image(img)
+    st = ServerThread(lambda: bdrv_open(str(img), {"driver": "file"}, BDRV_O_RDWR),
+                      unix=str(disk_dir / "nbd.sock"), **kw)
+    return st, data
+
+
+def test_nbdinfo_map_sees_holes(disk_dir: Path) -> None:
+    """Holes of a sparse file are NBD_STATE_HOLE|NBD_STATE_ZERO, data is 0."""
+    need("nbdinfo")
+    st, _ = _sparse_server(disk_dir)
+    with st:
+        r = run(["nbdinfo", "--map", st.uri()])
+        assert r.returncode == 0, r.stderr
+        got = [tuple(int(x) for x in line.split()[:3]) for line in r.stdout.splitlines()]
+        assert got == _SPARSE_MAP
+
+
+def test_nbdcopy_keeps_holes(disk_dir: Path) -> None:
+    """nbdcopy asks for block status and skips the holes: the copy is equal
+    and sparse."""
+    need("nbdcopy")
+    st, data = _sparse_server(disk_dir)
+    out = disk_dir / "out.img"
+    with st:
+        r = run(["nbdcopy", st.uri(), str(out)])
+        assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == data
+    assert os.stat(out).st_blocks * 512 < SIZE // 2
+
+
+LIBNBD_STATUS_SCRIPT = r"""
+import json, sys
+import nbd
+h = nbd.NBD()
+h.add_meta_context("base:allocation")
+h.connect_uri(sys.argv[1])
+out = {}
+def cb(key):
+    def f(meta, off, entries, err):
+        out.setdefault(key, []).append((meta, list(entries)))
+        return 0
+    return f
+h.block_status(h.get_size(), 0, cb("all"))
+h.block_status(h.get_size(), 0, cb("one"), nbd.CMD_FLAG_REQ_ONE)
+h.block_status(4096, 70000, cb("mid"))
+h.shutdown()
+print(json.dumps(out))
+"""
+
+
+def test_block_status_extents_libnbd(disk_dir: Path) -> None:
+    """Extents cover the request exactly, equal neighbours merge, REQ_ONE
+    gets one extent, a range inside one extent gets just that range."""
+    need_libnbd()
+    st, _ = _sparse_server(disk_dir)
+    with st:
+        r = run(["/usr/bin/python3", "-c", LIBNBD_STATUS_SCRIPT, st.uri()])
+        assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    flat = [x for _, pnum, flags in _SPARSE_MAP for x in (pnum, flags)]
+    assert out["all"] == [["base:allocation", flat]]
+    assert out["one"] == [["base:allocation", [65536, 3]]]
+    assert out["mid"] == [["base:allocation", [4096, 0]]]

@@ -45,6 +45,7 @@ from pyaioctx import (
     thread_pool_submit_co,
     thread_pool_update_params,
 )
+from pyaioctx.thread_pool import THREAD_POOL_BATCH, thread_pool_set_batchable
 
 # QEMU's test sleeps 2 s in long_cb and waits 1 s for workers to start;
 # scaled down to keep each test well under the per-test time budget.
@@ -802,3 +803,52 @@ def test_freed_context_pool_is_replaced(ctx, pool):
     thread_pool_submit_aio(again, lambda _: 4, None, lambda o, r: calls.append(r), None)
     aio_context_unref(ctx)
     assert calls == [4] and again.closed
+
+
+# --------------------------------------------------------------------------
+# Batchable functions (thread_pool_set_batchable)
+
+def _batchable_work(ev: threading.Event) -> int:
+    ev.wait(5)
+    return 7
+
+
+thread_pool_set_batchable(_batchable_work)
+
+
+def _plain_work(ev: threading.Event) -> int:
+    ev.wait(5)
+    return 7
+
+
+@pytest.mark.parametrize("func,workers", [(_batchable_work, 4), (_plain_work, 8)])
+def test_batchable_requests_share_workers(ctx, pool, func, workers):
+    """Eight requests submitted at once: QEMU's policy creates a worker for
+    each; batchable ones get one per pool.batch (2) queued requests."""
+    assert pool.batch == THREAD_POOL_BATCH == 2
+    ev = threading.Event()
+    rets: list[int] = []
+    for _ in range(8):
+        thread_pool_submit_aio(pool, func, ev, lambda o, r: rets.append(r), None)
+    assert pool.cur_threads == workers
+    ev.set()
+    _poll_until(ctx, lambda: len(rets) == 8)
+    assert rets == [7] * 8 and pool.in_flight == 0
+
+
+def test_batchable_request_not_stuck_behind_long_one(ctx, pool):
+    """A worker that picks up a non-batchable request stops covering the
+    batchable ones queued behind it: they get a worker of their own, so a
+    long request waiting for a later batchable one cannot deadlock."""
+    ev = threading.Event()
+    order: list[str] = []
+    thread_pool_submit_aio(pool, _plain_work, ev, lambda o, r: order.append("long"), None)
+    setter = thread_pool_set_batchable(lambda e: (e.set(), 0)[1])
+    thread_pool_submit_aio(pool, setter, ev, lambda o, r: order.append("short"), None)
+    _poll_until(ctx, lambda: len(order) == 2)
+    assert order.index("short") < order.index("long")
+
+
+def test_set_batchable_rejects_non_callable():
+    with pytest.raises(TypeError):
+        thread_pool_set_batchable(3)  # type: ignore[arg-type]

@@ -30,7 +30,9 @@ rule's event on the blkdebug node.  pyaioctx has no format drivers, so each
 request fires its own events: a read fires ``read_aio``; a write
 ``write_aio`` and ``pwritev``; a write-zeroes ``write_aio`` and
 ``pwritev_zero``; a discard ``write_aio`` (QEMU has no discard event); a
-flush ``flush_to_os`` and ``flush_to_disk``.  A rule applies to a request
+flush ``flush_to_os`` and ``flush_to_disk``; a block-status query
+``read_aio`` (only rules whose ``iotype`` names ``block-status`` see it).
+A rule applies to a request
 whose events include the rule's event and whose type is in ``iotype`` --
 so with the right event, exactly the targeted requests fail.  Several rules
 may be active; the first matching one (in the order given) wins.  Other
@@ -46,6 +48,8 @@ from typing import Any, Optional
 from .. import coroutine as _co
 from ..iov import QEMUIOVector
 from .block import (
+    BDRV_BLOCK_OFFSET_VALID,
+    BDRV_BLOCK_RAW,
     BDRV_REQ_FUA,
     BDRV_REQ_MAY_UNMAP,
     BDRV_REQ_NO_FALLBACK,
@@ -93,6 +97,7 @@ _EVENTS_OF = {
     "write-zeroes": frozenset(("write_aio", "pwritev_zero")),
     "discard": frozenset(("write_aio",)),
     "flush": frozenset(("flush_to_os", "flush_to_disk")),
+    "block-status": frozenset(("read_aio",)),
 }
 
 _RULE_KEYS = ("event", "state", "iotype", "errno", "sector", "once", "immediately",
@@ -302,6 +307,17 @@ def blkdebug_co_pdiscard(bs: BlockDriverState, offset: int, bytes: int) -> int:
     return bdrv_co_pdiscard(bs.file, offset, bytes)  # type: ignore[arg-type]
 
 
+def blkdebug_co_block_status(bs: BlockDriverState, want_zero: bool, offset: int,
+                             bytes: int) -> Any:
+    """Port of ``blkdebug_co_block_status``: rules for ``block-status`` may
+    fail the query; otherwise the image answers (QEMU's
+    ``bdrv_co_block_status_from_file``: ``RAW`` at the same offset)."""
+    err = _rule_check(bs, offset, bytes, "block-status")
+    if err:
+        return err
+    return BDRV_BLOCK_RAW | BDRV_BLOCK_OFFSET_VALID, bytes, offset, bs.file
+
+
 def blkdebug_co_truncate(bs: BlockDriverState, offset: int, exact: bool, prealloc: int,
                          flags: int) -> int:
     """Pass-through resize (QEMU's filters forward truncate to the child)."""
@@ -323,5 +339,6 @@ bdrv_blkdebug = BlockDriver(
     bdrv_co_pwrite_zeroes=blkdebug_co_pwrite_zeroes,
     bdrv_co_pdiscard=blkdebug_co_pdiscard,
     bdrv_co_truncate=blkdebug_co_truncate,
+    bdrv_co_block_status=blkdebug_co_block_status,
 )
 bdrv_register(bdrv_blkdebug)

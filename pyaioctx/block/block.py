@@ -118,6 +118,12 @@ __all__ = [
     "bdrv_io_plug", "bdrv_io_unplug",
     "bdrv_inc_in_flight", "bdrv_dec_in_flight",
     "bdrv_get_stats",
+    # block status (include/block/block-common.h, block/io.c)
+    "BDRV_BLOCK_DATA", "BDRV_BLOCK_ZERO", "BDRV_BLOCK_OFFSET_VALID", "BDRV_BLOCK_RAW",
+    "BDRV_BLOCK_ALLOCATED", "BDRV_BLOCK_EOF", "BDRV_BLOCK_RECURSE",
+    "bdrv_co_block_status", "bdrv_block_status", "bdrv_co_is_allocated", "bdrv_is_allocated",
+    # moving a device between contexts (block.c)
+    "bdrv_try_change_aio_context",
     "qemu_blockalign", "qemu_try_blockalign", "bdrv_opt_mem_align", "bdrv_min_mem_align",
     "bdrv_qiov_is_aligned",
 ]
@@ -141,6 +147,21 @@ BDRV_REQ_FUA = 0x10
 BDRV_REQ_SERIALISING = 0x80
 BDRV_REQ_NO_FALLBACK = 0x100
 BDRV_REQ_MASK = 0xfff
+
+# Block status flags, QEMU's values.  DATA: reads come from the device's
+# storage (``map`` says where when OFFSET_VALID); ZERO: reads return zeros;
+# OFFSET_VALID: ``map`` is an offset into ``file``; RAW: a filter's answer,
+# "ask ``file`` at ``map``" (never returned to callers); ALLOCATED: this
+# layer decides the content (DATA or ZERO); EOF: the range reaches the end of
+# the device; RECURSE: a format driver asks the generic layer to look at
+# ``file`` too, to find zeros below data.
+BDRV_BLOCK_DATA = 0x01
+BDRV_BLOCK_ZERO = 0x02
+BDRV_BLOCK_OFFSET_VALID = 0x04
+BDRV_BLOCK_RAW = 0x08
+BDRV_BLOCK_ALLOCATED = 0x10
+BDRV_BLOCK_EOF = 0x20
+BDRV_BLOCK_RECURSE = 0x40
 
 _INT64_MAX = (1 << 63) - 1
 _INT_MAX = (1 << 31) - 1
@@ -202,6 +223,11 @@ class BlockDriver:
     ``bdrv_attach_aio_context(bs, ctx)``, ``bdrv_detach_aio_context(bs)``,
     ``bdrv_io_plug(bs)``, ``bdrv_io_unplug(bs)``, ``bdrv_drain_begin(bs)``,
     ``bdrv_drain_end(bs)``.
+    ``bdrv_co_block_status(bs, want_zero, offset, bytes) -> (ret, pnum, map, file)``
+        (or a negative errno): the ``BDRV_BLOCK_*`` flags of the ``pnum``
+        bytes at ``offset``; ``offset``/``bytes`` are aligned to
+        ``request_alignment`` and ``pnum`` must be a non-zero multiple of it.
+        Without it a device is all data (QEMU's default).
 
     Plain attributes: ``format_name``, ``protocol_name``, ``runtime_opts``
     (option names the driver accepts, checked before it is opened; None = the
@@ -221,6 +247,7 @@ class BlockDriver:
         "bdrv_getlength", "bdrv_refresh_limits",
         "bdrv_attach_aio_context", "bdrv_detach_aio_context",
         "bdrv_io_plug", "bdrv_io_unplug", "bdrv_drain_begin", "bdrv_drain_end",
+        "bdrv_co_block_status",
     )
     _ATTRS = ("format_name", "protocol_name", "runtime_opts", "has_variable_length",
               "is_filter")
@@ -255,6 +282,7 @@ class BlockDriver:
     bdrv_io_unplug: Optional[Callable[..., Any]] = None
     bdrv_drain_begin: Optional[Callable[..., Any]] = None
     bdrv_drain_end: Optional[Callable[..., Any]] = None
+    bdrv_co_block_status: Optional[Callable[..., Any]] = None
 
     def __init__(self, format_name: Optional[str] = None, **attrs: Any) -> None:
         if format_name is not None:
@@ -392,7 +420,8 @@ class BlockDriverState:
 
     Pythonic face: ``read``, ``write``, ``flush``, ``discard``,
     ``write_zeroes``, ``truncate``, ``length``, ``drain``, ``close``,
-    ``stats()``, and ``with bdrv_open(...) as bs:`` (drains and closes).
+    ``stats()``, ``set_aio_context(ctx)``, ``block_status(offset, length)``,
+    and ``with bdrv_open(...) as bs:`` (drains and closes).
     """
 
     def __init__(self, drv: BlockDriver, flags: int, ctx: AioContext) -> None:
@@ -460,6 +489,17 @@ class BlockDriverState:
 
     def drain(self) -> None:
         bdrv_drain(self)
+
+    def set_aio_context(self, ctx: AioContext) -> None:
+        """:func:`bdrv_try_change_aio_context`; raises OSError on failure."""
+        _raise_on_error(bdrv_try_change_aio_context(self, ctx), "set_aio_context", self)
+
+    def block_status(self, offset: int, length: int) -> tuple[int, int, int, Any]:
+        """:func:`bdrv_block_status`: ``(flags, pnum, map, file)``; raises
+        OSError on error."""
+        r = bdrv_block_status(self, offset, length)
+        _raise_on_error(r[0], "block_status", self)
+        return r
 
     def close(self) -> None:
         """Drop the caller's reference (``bdrv_unref``); idempotent."""
@@ -2097,3 +2137,225 @@ def bdrv_io_unplug(bs: BlockDriverState) -> None:
             drv.bdrv_io_unplug(bs)
     for child in bs.children:
         bdrv_io_unplug(child)
+
+
+# --------------------------------------------------------------------------
+# Block status (block/io.c)
+
+def _driver_block_status(bs: BlockDriverState, want_zero: bool, offset: int,
+                         bytes: int) -> tuple[int, int, int, Optional[BlockDriverState]]:
+    # Calls the driver's callback and checks its answer, which may be a bare
+    # negative errno or the (ret, pnum, map, file) tuple.
+    drv = bs.drv
+    assert drv is not None and drv.bdrv_co_block_status is not None
+    r = drv.bdrv_co_block_status(bs, want_zero, offset, bytes)
+    if r.__class__ is int:
+        if r >= 0:
+            raise TypeError(f"driver '{drv.format_name}' bdrv_co_block_status returned {r!r}; "
+                            f"expected (ret, pnum, map, file) or -errno")
+        return r, 0, 0, None
+    if not isinstance(r, tuple) or len(r) != 4:
+        raise TypeError(f"driver '{drv.format_name}' bdrv_co_block_status returned {r!r}; "
+                        f"expected (ret, pnum, map, file) or -errno")
+    ret, pnum, map, file = r
+    _ret(drv, "bdrv_co_block_status", ret)
+    if ret < 0:
+        return ret, 0, 0, None
+    _check_int(pnum, f"driver '{drv.format_name}' bdrv_co_block_status", "pnum")
+    return ret, pnum, map, file
+
+
+def bdrv_co_block_status(bs: BlockDriverState, want_zero: bool, offset: int,
+                         bytes: int) -> tuple[int, int, int, Optional[BlockDriverState]]:
+    """Port of ``bdrv_co_block_status`` (block/io.c): what the ``pnum`` bytes
+    at ``offset`` look like.
+
+    Returns ``(ret, pnum, map, file)``: ``ret`` is a set of ``BDRV_BLOCK_*``
+    flags or ``-errno``; the first ``pnum`` bytes (at most ``bytes``, 0 only
+    at or past the end) all have that status; with ``BDRV_BLOCK_OFFSET_VALID``
+    they are stored at offset ``map`` of ``file`` (the node that holds them).
+
+    ``want_zero=False`` asks only "is it allocated?", which lets drivers
+    answer cheaply (the file driver then skips SEEK_DATA/SEEK_HOLE and says
+    DATA); ``want_zero=True`` asks for zeros and holes as precisely as the
+    driver can tell.  Drivers without the callback are all data
+    (``DATA|ALLOCATED``, plus ``OFFSET_VALID`` for protocol drivers); a filter
+    without it (``is_filter`` with a ``file``) answers for its child.  Runs in
+    a coroutine; see :func:`bdrv_block_status` for the synchronous form.
+    """
+    fn = "bdrv_co_block_status"
+    _check_bs(bs, fn)
+    _check_int(offset, fn, "offset")
+    _check_int(bytes, fn, "bytes")
+    _require_co(fn)
+    if bs.drv is None or bs.closed:
+        return -errno.ENOMEDIUM, 0, 0, None
+    if offset < 0 or bytes < 0:
+        return -errno.EINVAL, 0, 0, None
+    want_zero = bool(want_zero)
+    total_size = bdrv_getlength(bs)
+    if total_size < 0:
+        return total_size, 0, 0, None
+    if offset >= total_size:
+        return BDRV_BLOCK_EOF, 0, 0, None
+    if not bytes:
+        return 0, 0, 0, None
+    bytes = min(bytes, total_size - offset)
+    drv = bs.drv
+    filtered = bs.file if drv.is_filter else None
+
+    if drv.bdrv_co_block_status is None and filtered is None:
+        # QEMU's default: a driver that cannot tell has everything allocated
+        # as data; a protocol driver's data lives at the same offset in it.
+        ret = BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED
+        if offset + bytes == total_size:
+            ret |= BDRV_BLOCK_EOF
+        if drv.protocol_name:
+            ret |= BDRV_BLOCK_OFFSET_VALID
+        return ret, bytes, offset, bs
+
+    bdrv_inc_in_flight(bs)
+    try:
+        # Drivers only see ranges aligned to request_alignment, as for I/O;
+        # the answer is then cut back to the caller's range.
+        align = bs.bl.request_alignment
+        aligned_offset = offset - offset % align
+        aligned_end = -(-(offset + bytes) // align) * align
+        if drv.bdrv_co_block_status is not None:
+            ret, pnum, local_map, local_file = _driver_block_status(
+                bs, want_zero, aligned_offset, aligned_end - aligned_offset)
+        else:
+            ret, pnum = BDRV_BLOCK_RAW | BDRV_BLOCK_OFFSET_VALID, aligned_end - aligned_offset
+            local_map, local_file = aligned_offset, filtered
+        if ret < 0:
+            return ret, 0, 0, None
+        if pnum <= 0 or pnum % align or align <= offset - aligned_offset:
+            raise ValueError(f"driver '{drv.format_name}' bdrv_co_block_status returned "
+                             f"pnum={pnum}; expected a positive multiple of {align}")
+        pnum -= offset - aligned_offset
+        pnum = min(pnum, bytes)
+        if ret & BDRV_BLOCK_OFFSET_VALID:
+            local_map += offset - aligned_offset
+
+        if ret & BDRV_BLOCK_RAW:
+            # A filter: the answer is its child's, at the mapped offset.
+            if not (ret & BDRV_BLOCK_OFFSET_VALID) or local_file is None:
+                raise ValueError(f"driver '{drv.format_name}' returned BDRV_BLOCK_RAW "
+                                 f"without OFFSET_VALID and a file")
+            ret, pnum, local_map, local_file = bdrv_co_block_status(
+                local_file, want_zero, local_map, pnum)
+        else:
+            if ret & (BDRV_BLOCK_DATA | BDRV_BLOCK_ZERO):
+                ret |= BDRV_BLOCK_ALLOCATED
+            if (want_zero and ret & BDRV_BLOCK_RECURSE and local_file is not None
+                    and local_file is not bs and ret & BDRV_BLOCK_DATA
+                    and not ret & BDRV_BLOCK_ZERO and ret & BDRV_BLOCK_OFFSET_VALID):
+                # Data in a format layer may still be a hole in the file
+                # below it: then it reads as zeros.
+                ret2, file_pnum, _, _ = bdrv_co_block_status(local_file, want_zero,
+                                                             local_map, pnum)
+                if ret2 >= 0:
+                    if ret2 & BDRV_BLOCK_EOF and (not file_pnum or ret2 & BDRV_BLOCK_ZERO):
+                        # Past the end of the file: zeros.
+                        ret |= BDRV_BLOCK_ZERO
+                    else:
+                        pnum = file_pnum
+                        ret |= ret2 & BDRV_BLOCK_ZERO
+    finally:
+        bdrv_dec_in_flight(bs)
+    if ret >= 0 and offset + pnum == total_size:
+        ret |= BDRV_BLOCK_EOF
+    if ret < 0:
+        return ret, 0, 0, None
+    return ret, pnum, local_map, local_file
+
+
+def bdrv_block_status(bs: BlockDriverState, offset: int,
+                      bytes: int) -> tuple[int, int, int, Optional[BlockDriverState]]:
+    """Port of ``bdrv_block_status``: :func:`bdrv_co_block_status` with
+    ``want_zero=True``, run to completion (QEMU's generated wrapper polls the
+    device's context; inside a coroutine it calls directly)."""
+    _check_bs(bs, "bdrv_block_status")
+    return _poll_co(bs, lambda: bdrv_co_block_status(bs, True, offset, bytes))  # type: ignore[return-value]
+
+
+def bdrv_co_is_allocated(bs: BlockDriverState, offset: int, bytes: int) -> tuple[int, int]:
+    """Port of ``bdrv_co_is_allocated``: ``(1, pnum)`` when the first
+    ``pnum`` bytes are allocated in this layer, ``(0, pnum)`` when they are
+    not, ``(-errno, 0)`` on error.  Asks with ``want_zero=False``."""
+    ret, pnum, _, _ = bdrv_co_block_status(bs, False, offset, bytes)
+    if ret < 0:
+        return ret, 0
+    return (1 if ret & BDRV_BLOCK_ALLOCATED else 0), pnum
+
+
+def bdrv_is_allocated(bs: BlockDriverState, offset: int, bytes: int) -> tuple[int, int]:
+    """Port of ``bdrv_is_allocated``: synchronous :func:`bdrv_co_is_allocated`."""
+    _check_bs(bs, "bdrv_is_allocated")
+    return _poll_co(bs, lambda: bdrv_co_is_allocated(bs, offset, bytes))  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------
+# Moving a device to another AioContext (block.c)
+
+def _subtree(bs: BlockDriverState) -> list[BlockDriverState]:
+    # Children before their parent: that is the order in which QEMU's
+    # transaction commits the nodes (the recursion adds a node after its
+    # neighbours), so a parent's attach hook finds its children attached.
+    out: list[BlockDriverState] = []
+    for child in bs.children:
+        out.extend(_subtree(child))
+    out.append(bs)
+    return out
+
+
+def bdrv_try_change_aio_context(bs: BlockDriverState, ctx: AioContext) -> int:
+    """Port of ``bdrv_try_change_aio_context`` (block.c): move ``bs`` and
+    every node connected to it (its parent, a blkdebug's image, ...) to
+    ``ctx``.  Returns 0, or ``-errno`` (``-ENOMEDIUM`` for a closed device).
+
+    As in QEMU: the graph is drained first; then each node's driver gets
+    ``bdrv_detach_aio_context(bs)`` while the node still lives in the old
+    context (QEMU's ``bdrv_detach_aio_context``), the node's ``aio_context``
+    changes, and the driver gets ``bdrv_attach_aio_context(bs, ctx)``
+    (``bdrv_attach_aio_context``); then the drained section ends.  From then
+    on requests run, and complete, in ``ctx``'s home thread -- an iothread
+    that polls ``ctx``.
+
+    Call it from the thread that owns the device now, outside coroutines
+    (QEMU: global state code), with no new request submitted until it
+    returns -- there is no BlockBackend here to queue them.  Pythonic form:
+    ``bs.set_aio_context(ctx)``.
+    """
+    fn = "bdrv_try_change_aio_context"
+    _check_bs(bs, fn)
+    if not isinstance(ctx, AioContext):
+        raise TypeError(f"{fn}: ctx must be an AioContext, got {type(ctx).__name__}")
+    if ctx.closed:
+        raise ValueError(f"{fn}: {ctx!r} is closed")
+    if _co.qemu_in_coroutine():
+        raise RuntimeError(f"{fn} must not be called from a coroutine (it drains and polls)")
+    if bs.closed or bs.drv is None:
+        return -errno.ENOMEDIUM
+    # A node cannot live in another context than its parent: the whole tree
+    # moves, starting at its root (QEMU walks parents and children alike).
+    root = bs
+    while root.parent is not None:
+        root = root.parent
+    if root.aio_context is ctx:
+        return 0
+    nodes = _subtree(root)
+    bdrv_drained_begin(root)
+    try:
+        for node in nodes:
+            drv = node.drv
+            if drv is not None and drv.bdrv_detach_aio_context is not None:
+                drv.bdrv_detach_aio_context(node)
+        for node in nodes:
+            node.aio_context = ctx
+            drv = node.drv
+            if drv is not None and drv.bdrv_attach_aio_context is not None:
+                drv.bdrv_attach_aio_context(node, ctx)
+    finally:
+        bdrv_drained_end(root)
+    return 0

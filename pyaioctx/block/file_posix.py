@@ -39,19 +39,29 @@ Some facts this driver relies on:
   thread path returns ``-EINVAL`` for a short vectored write.)
 * ``fallocate(PUNCH_HOLE|KEEP_SIZE)`` discards; ``ZERO_RANGE`` writes zeros;
   either may be unsupported (``-ENOTSUP``), then the generic layer falls back.
+* Block status comes from ``lseek(SEEK_DATA/SEEK_HOLE)`` (QEMU's
+  ``find_allocation``): holes read as zeros, everything else is data.
+* The Linux AIO and io_uring engines belong to an AioContext (one per
+  context, registered with it).  Moving the device to another context
+  (``bdrv_try_change_aio_context``) switches to the new context's engine,
+  set up in that context's home thread; the thread pool is always the one
+  of the device's current context.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import stat
 import struct
 from typing import Any, Optional
 
+from ..aio import AioContext, _context_has_other_home, aio_wait_bh_oneshot
 from ..iov import QEMUIOVector, qemu_memalign, qemu_vfree
-from ..thread_pool import aio_get_thread_pool, thread_pool_submit_co
+from ..thread_pool import (aio_get_thread_pool, thread_pool_set_batchable,
+                           thread_pool_submit_co)
 from .._sys.libc import fallocate as _sys_fallocate
 from .._sys.mem import PAGE_SIZE
 from .block import (
@@ -59,6 +69,9 @@ from .block import (
     BDRV_O_IO_URING,
     BDRV_O_NOCACHE,
     BDRV_O_RDWR,
+    BDRV_BLOCK_DATA,
+    BDRV_BLOCK_OFFSET_VALID,
+    BDRV_BLOCK_ZERO,
     BDRV_REQ_MAY_UNMAP,
     BDRV_REQ_NO_FALLBACK,
     PREALLOC_MODE_FALLOC,
@@ -73,6 +86,8 @@ from .block import (
 from .raw_aio import QEMU_AIO_FLUSH, QEMU_AIO_READ, QEMU_AIO_WRITE
 
 __all__ = ["bdrv_file", "BDRVRawState", "raw_probe_alignment", "aio_engine_available"]
+
+log = logging.getLogger("pyaioctx.block")
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -105,8 +120,9 @@ class _Engine:
     needs no entry."""
 
     def __init__(self, name: str, setup: Any, co_submit: Any, plug: Any, unplug: Any,
-                 flush: bool) -> None:
+                 flush: bool, ctx_attr: str) -> None:
         self.name = name
+        self.ctx_attr = ctx_attr    # where the context keeps its state, once set up
         self.setup = setup          # setup(ctx) -> state, raises OSError
         self.co_submit = co_submit  # co_submit(bs, state, fd, offset, qiov, type) -> int
         self.plug = plug            # plug(bs, state)
@@ -121,13 +137,13 @@ def _load_engine(aio: str) -> _Engine:
         try:
             from . import linux_aio as m
             return _Engine("native", m.aio_setup_linux_aio, m.laio_co_submit,
-                           m.laio_io_plug, m.laio_io_unplug, False)
+                           m.laio_io_plug, m.laio_io_unplug, False, "linux_aio")
         except (ImportError, AttributeError) as e:
             raise ValueError(f"aio=native is not available: {e}") from e
     try:
         from . import io_uring as m  # type: ignore[attr-defined]
         return _Engine("io_uring", m.aio_setup_linux_io_uring, m.luring_co_submit,
-                       m.luring_io_plug, m.luring_io_unplug, True)
+                       m.luring_io_plug, m.luring_io_unplug, True, "linux_io_uring")
     except (ImportError, AttributeError) as e:
         raise ValueError(f"io_uring is not available: {e}") from e
 
@@ -213,6 +229,9 @@ def _advance(views: list, n: int) -> list:
     return views
 
 
+# A read or write of the image returns in bounded time and never waits for
+# another request, so the pool may batch these (fewer worker wake-ups).
+@thread_pool_set_batchable
 def _handle_aiocb_rw(acb: _RawAIOCB) -> int:
     # Port of handle_aiocb_rw (+ _vector / _linear).
     fd, offset, nbytes = acb.fd, acb.offset, acb.nbytes
@@ -611,11 +630,123 @@ def raw_io_unplug(bs: BlockDriverState) -> None:
         s.engine.unplug(bs, s.aio_state)
 
 
-def raw_attach_aio_context(bs: BlockDriverState, new_context: Any) -> None:
-    """Port of ``raw_aio_attach_aio_context``: the engine is per context."""
+def _engine_setup_in_home(engine: _Engine, ctx: AioContext) -> Any:
+    # The engine registers its eventfd with the context, and fd handlers
+    # belong to the context's home thread: when an iothread runs the
+    # context, the setup runs there (QEMU's aio_set_fd_handler takes a lock
+    # instead).  A context that has its engine already is just asked for it.
+    state = getattr(ctx, engine.ctx_attr, None)
+    if state is not None or not _context_has_other_home(ctx):
+        return engine.setup(ctx)
+    box: list = []
+
+    def in_home(_: Any) -> None:
+        # An exception must not escape into the iothread's event loop.
+        try:
+            box.append(engine.setup(ctx))
+        except BaseException as e:  # noqa: BLE001 - re-raised by the caller
+            box.append(e)
+
+    aio_wait_bh_oneshot(ctx, in_home, None)
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
+def raw_aio_detach_aio_context(bs: BlockDriverState) -> None:
+    """Port of ``raw_aio_detach_aio_context``: let go of the old context's
+    engine.  The engine stays with its context (which frees it), so there is
+    nothing to unregister; the device is drained, so nothing is in flight."""
     s: BDRVRawState = bs.opaque
-    if s.engine is not None:
-        s.aio_state = s.engine.setup(new_context)
+    s.aio_state = None
+
+
+def raw_aio_attach_aio_context(bs: BlockDriverState, new_context: AioContext) -> None:
+    """Port of ``raw_aio_attach_aio_context``: use ``new_context``'s Linux
+    AIO or io_uring engine (``aio_setup_linux_aio`` /
+    ``aio_setup_linux_io_uring``), made in its home thread if needed.  As in
+    QEMU, an engine that cannot be set up there is reported and the device
+    falls back to the thread pool.  The ``threads`` engine needs nothing:
+    requests always use the pool of the device's current context."""
+    s: BDRVRawState = bs.opaque
+    if s.engine is None:
+        return
+    try:
+        s.aio_state = _engine_setup_in_home(s.engine, new_context)
+    except (OSError, RuntimeError) as e:
+        what = "native AIO" if s.engine.name == "native" else "linux io_uring"
+        log.error("Unable to use %s, falling back to thread pool: %s", what, e)
+        s.engine = None
+        s.aio_state = None
+
+
+# --------------------------------------------------------------------------
+# Block status
+
+def _find_allocation(fd: int, start: int) -> tuple[int, int, int]:
+    """Port of ``find_allocation``: ``(0, data, hole)`` where ``start`` is
+    in data up to ``hole`` (``data == start``) or in a hole up to ``data``
+    (``hole == start``); or ``(-errno, 0, 0)``: ``-ENXIO`` means a hole up
+    to the end of the file, ``-EBUSY`` that lseek contradicted itself.
+
+    SEEK_DATA from ``start`` gives the next data at or after it: beyond
+    ``start`` means we are in a hole; at ``start`` we are in data and
+    SEEK_HOLE finds where it ends (every file ends with an implicit hole).
+    """
+    try:
+        offs = os.lseek(fd, start, os.SEEK_DATA)
+    except OSError as e:
+        return -(e.errno or errno.EIO), 0, 0
+    if offs < start:
+        return -errno.EIO, 0, 0  # a broken file system
+    if offs > start:
+        return 0, offs, start
+    try:
+        offs = os.lseek(fd, start, os.SEEK_HOLE)
+    except OSError as e:
+        return -(e.errno or errno.EIO), 0, 0
+    if offs < start:
+        return -errno.EIO, 0, 0
+    if offs > start:
+        return 0, start, offs
+    # Data and a hole at the same offset: the file changed between the two
+    # calls.
+    return -errno.EBUSY, 0, 0
+
+
+def raw_co_block_status(bs: BlockDriverState, want_zero: bool, offset: int,
+                        bytes: int) -> tuple[int, int, int, BlockDriverState]:
+    """Port of ``raw_co_block_status``: holes are ``ZERO``, the rest
+    ``DATA``, always at the same offset of this file (``OFFSET_VALID``).
+    Without ``want_zero`` (an allocation query) everything is data, without
+    a syscall."""
+    s: BDRVRawState = bs.opaque
+    if s.fd < 0:
+        return -errno.EBADF, 0, 0, bs
+    if not want_zero:
+        return BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID, bytes, offset, bs
+    # lseek is a metadata lookup, cheap enough for the event loop (QEMU
+    # calls it in the coroutine too).
+    ret, data, hole = _find_allocation(s.fd, offset)
+    if ret == -errno.ENXIO:
+        # A hole up to the end of the file.
+        pnum, ret = bytes, BDRV_BLOCK_ZERO
+    elif ret < 0:
+        # No information (no SEEK_DATA here, or lseek failed): say data,
+        # which is never wrong.
+        pnum, ret = bytes, BDRV_BLOCK_DATA
+    elif data == offset:
+        # In data up to the next hole, which may be the end of the file in
+        # the middle of a block: answers are whole blocks, so round up.
+        pnum = hole - offset
+        align = bs.bl.request_alignment
+        if pnum % align:
+            pnum += align - pnum % align
+        ret = BDRV_BLOCK_DATA
+    else:
+        pnum = data - offset
+        ret = BDRV_BLOCK_ZERO
+    return ret | BDRV_BLOCK_OFFSET_VALID, pnum, offset, bs
 
 
 bdrv_file = BlockDriver(
@@ -634,6 +765,8 @@ bdrv_file = BlockDriver(
     bdrv_co_truncate=raw_co_truncate,
     bdrv_io_plug=raw_io_plug,
     bdrv_io_unplug=raw_io_unplug,
-    bdrv_attach_aio_context=raw_attach_aio_context,
+    bdrv_attach_aio_context=raw_aio_attach_aio_context,
+    bdrv_detach_aio_context=raw_aio_detach_aio_context,
+    bdrv_co_block_status=raw_co_block_status,
 )
 bdrv_register(bdrv_file)

@@ -21,7 +21,14 @@ from ..aiocb import AIOCBInfo, BlockAIOCB, qemu_aio_get, qemu_aio_unref
 from ..coroutine import aio_co_wake, qemu_coroutine_self, qemu_coroutine_yield
 from ..iov import QEMUIOVector
 from ..timer import QEMU_CLOCK_REALTIME, SCALE_NS, qemu_clock_get_ns, timer_free, timer_mod_ns
-from .block import BlockDriver, BlockDriverState, bdrv_get_aio_context, bdrv_register
+from .block import (
+    BDRV_BLOCK_OFFSET_VALID,
+    BDRV_BLOCK_ZERO,
+    BlockDriver,
+    BlockDriverState,
+    bdrv_get_aio_context,
+    bdrv_register,
+)
 
 __all__ = ["bdrv_null_co", "bdrv_null_aio", "BDRVNullState", "NULL_DEFAULT_SIZE"]
 
@@ -107,6 +114,17 @@ def null_co_flush(bs: BlockDriverState) -> int:
     return _null_co_common(bs)
 
 
+def null_co_block_status(bs: BlockDriverState, want_zero: bool, offset: int,
+                         bytes: int) -> tuple[int, int, int, BlockDriverState]:
+    """Port of ``null_co_block_status``: with ``read-zeroes`` the device is
+    all zeros; otherwise reads return nothing defined, so -- as in QEMU -- it
+    is neither data nor zero, i.e. not allocated."""
+    ret = BDRV_BLOCK_OFFSET_VALID
+    if bs.opaque.read_zeroes:
+        ret |= BDRV_BLOCK_ZERO
+    return ret, bytes, offset, bs
+
+
 class NullAIOCB(BlockAIOCB):
     """QEMU's ``NullAIOCB``."""
 
@@ -173,6 +191,7 @@ bdrv_null_co = BlockDriver(
     bdrv_co_preadv=null_co_preadv,
     bdrv_co_pwritev=null_co_pwritev,
     bdrv_co_flush_to_disk=null_co_flush,
+    bdrv_co_block_status=null_co_block_status,
 )
 
 bdrv_null_aio = BlockDriver(
@@ -184,6 +203,7 @@ bdrv_null_aio = BlockDriver(
     bdrv_aio_preadv=null_aio_preadv,
     bdrv_aio_pwritev=null_aio_pwritev,
     bdrv_aio_flush=null_aio_flush,
+    bdrv_co_block_status=null_co_block_status,
 )
 
 bdrv_register(bdrv_null_co)

@@ -47,7 +47,7 @@ from ..block import (
     BLOCK_ACCT_WRITE, PREALLOC_MODE_FALLOC, PREALLOC_MODE_FULL, PREALLOC_MODE_METADATA,
     PREALLOC_MODE_OFF, BlockDriverState, bdrv_aio_preadv, bdrv_aio_pwritev,
     bdrv_co_pwrite_zeroes, bdrv_dec_in_flight, bdrv_drain, bdrv_find_format, bdrv_flush,
-    bdrv_getlength, bdrv_inc_in_flight, bdrv_open, bdrv_pdiscard,
+    bdrv_getlength, bdrv_inc_in_flight, bdrv_is_allocated, bdrv_open, bdrv_pdiscard,
     bdrv_pread, bdrv_pwrite, bdrv_pwrite_zeroes, bdrv_truncate, bdrv_unref, block_acct_invalid,
     qemu_blockalign,
 )
@@ -1420,15 +1420,6 @@ class QemuIO:
             print_report("discard", t2 - t1, offset, count, count, 1, cflag)
         return 0
 
-    def _allocated(self) -> bool:
-        # bdrv_is_allocated on this layer: file and blkdebug data is always
-        # allocated at the top; null is only with read-zeroes (QEMU's
-        # null_co_block_status reports BDRV_BLOCK_ZERO then).
-        assert self.bs is not None and self.bs.drv is not None
-        if self.fmt_label == "raw" or self.bs.drv.format_name not in ("null-co", "null-aio"):
-            return True
-        return bool(getattr(self.bs.opaque, "read_zeroes", False))
-
     def alloc_f(self, argv: list[str]) -> int:
         """Port of ``alloc_f``."""
         assert self.bs is not None
@@ -1446,26 +1437,64 @@ class QemuIO:
                 return -errno.EINVAL
         else:
             count = 512
-        length = bdrv_getlength(self.bs)
-        if length < 0:
-            _out(f"is_allocated failed: {os.strerror(-length)}\n")
-            return length
-        # Past the end bdrv_is_allocated reports 0 bytes: the count shrinks.
-        count = max(0, min(count, length - start))
-        sum_alloc = count if self._allocated() else 0
+        remaining = count
+        sum_alloc = 0
+        offset = start
+        while remaining:
+            ret, num = bdrv_is_allocated(self.bs, offset, remaining)
+            if ret < 0:
+                _out(f"is_allocated failed: {os.strerror(-ret)}\n")
+                return ret
+            offset += num
+            remaining -= num
+            if ret:
+                sum_alloc += num
+            if num == 0:
+                # At or past the end: the count shrinks to what exists.
+                count -= remaining
+                remaining = 0
         _out(f"{sum_alloc}/{count} bytes allocated at offset {cvtstr(start)}\n")
         return 0
 
-    def map_f(self, argv: list[str]) -> int:
-        """Port of ``map_f``: one extent, the layer is uniform here."""
+    def _map_is_allocated(self, offset: int, bytes: int) -> tuple[int, int]:
+        """Port of ``map_is_allocated``: the allocation status at ``offset``
+        and how many bytes from there share it (``(-errno, 0)`` on error)."""
         assert self.bs is not None
-        n = bdrv_getlength(self.bs)
-        if n < 0:
-            error_report(f"Failed to query image length: {os.strerror(-n)}")
-            return n
-        if n:
-            retstr = "    allocated" if self._allocated() else "not allocated"
-            _out(f"{cvtstr(n)} (0x{n:x}) bytes {retstr} at offset {cvtstr(0)} (0x0)\n")
+        ret, num = bdrv_is_allocated(self.bs, offset, bytes)
+        if ret < 0:
+            return ret, 0
+        firstret, pnum = ret, num
+        while bytes > 0 and ret == firstret:
+            offset += num
+            bytes -= num
+            ret, num = bdrv_is_allocated(self.bs, offset, bytes)
+            if ret == firstret and num:
+                pnum += num
+            else:
+                break
+        return firstret, pnum
+
+    def map_f(self, argv: list[str]) -> int:
+        """Port of ``map_f``: the runs of allocated and unallocated bytes."""
+        assert self.bs is not None
+        offset = 0
+        nbytes = bdrv_getlength(self.bs)
+        if nbytes < 0:
+            error_report(f"Failed to query image length: {os.strerror(-nbytes)}")
+            return nbytes
+        while nbytes:
+            ret, num = self._map_is_allocated(offset, nbytes)
+            if ret < 0:
+                error_report(f"Failed to get allocation status: {os.strerror(-ret)}")
+                return ret
+            if not num:
+                error_report("Unexpected end of image")
+                return -errno.EIO
+            retstr = "    allocated" if ret else "not allocated"
+            _out(f"{cvtstr(num)} (0x{num:x}) bytes {retstr} at offset {cvtstr(offset)} "
+                 f"(0x{offset:x})\n")
+            offset += num
+            nbytes -= num
         return 0
 
     def reopen_f(self, argv: list[str]) -> int:

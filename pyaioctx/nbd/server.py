@@ -23,9 +23,6 @@ Deviations from QEMU, on purpose:
 
 * No TLS (``NBD_OPT_STARTTLS`` is answered "unsupported") and no extended
   headers; ``NBD_CMD_CACHE`` is not advertised.
-* ``base:allocation`` block status reports every byte as allocated data: the
-  block layer has no block-status call yet, which is what QEMU answers for a
-  driver without ``bdrv_co_block_status``.
 * The reader is buffered: one ``recv`` may bring several request headers,
   which saves a syscall per request when a client pipelines.
 """
@@ -60,13 +57,15 @@ from ..coroutine import (
     qemu_coroutine_yield,
 )
 from ..iov import QEMUIOVector, qemu_iovec_init_buf
-from .. import block as _block
 from ..block import (
+    BDRV_BLOCK_DATA,
+    BDRV_BLOCK_ZERO,
     BDRV_REQ_FUA,
     BDRV_REQ_MAY_UNMAP,
     BDRV_REQ_NO_FALLBACK,
     BDRV_REQUEST_MAX_BYTES,
     BlockDriverState,
+    bdrv_co_block_status,
     bdrv_co_flush,
     bdrv_co_pdiscard,
     bdrv_co_preadv,
@@ -77,6 +76,7 @@ from ..block import (
     bdrv_get_aio_context,
     bdrv_getlength,
     bdrv_is_read_only,
+    bdrv_try_change_aio_context,
     qemu_blockalign,
 )
 from .protocol import *  # noqa: F401,F403
@@ -120,6 +120,10 @@ _U32_U32 = struct.Struct(">II")
 _OFFSET = struct.Struct(">Q")
 _ERROR_CHUNK = struct.Struct(">IH")
 
+# Extents in one BLOCK_STATUS reply (QEMU's NBD_MAX_BLOCK_STATUS_EXTENTS:
+# 1 MiB of 8-byte descriptors).
+NBD_MAX_BLOCK_STATUS_EXTENTS = (1 << 20) // 8
+
 # Result of receiving a request that is NBD_CMD_DISC (a clean disconnect).
 _DISC = 1
 
@@ -133,40 +137,14 @@ class NBDDisconnect(Exception):
 # Moving a device to another context
 
 def _bdrv_set_aio_context(bs: BlockDriverState, ctx: AioContext) -> None:
-    """Port of ``bdrv_try_change_aio_context`` (block.c) for a device tree.
-
-    QEMU's ``block-export-add iothread=...`` moves the node into the
-    iothread's context before serving it.  The block layer calls the
-    drivers' ``bdrv_detach_aio_context`` / ``bdrv_attach_aio_context`` hooks;
-    children move with their parent.  Uses the block layer's own function
-    when it has one.
-    """
-    fn = getattr(_block, "bdrv_try_change_aio_context", None) or \
-        getattr(_block, "bdrv_set_aio_context", None)
-    if fn is not None:
-        fn(bs, ctx)
-        return
-    if bs.aio_context is ctx:
-        return
-    bdrv_drain(bs)
-
-    def detach(node: BlockDriverState) -> None:
-        for child in node.children:
-            detach(child)
-        drv = node.drv
-        if drv is not None and drv.bdrv_detach_aio_context is not None:
-            drv.bdrv_detach_aio_context(node)
-
-    def attach(node: BlockDriverState) -> None:
-        for child in node.children:
-            attach(child)
-        node.aio_context = ctx
-        drv = node.drv
-        if drv is not None and drv.bdrv_attach_aio_context is not None:
-            drv.bdrv_attach_aio_context(node, ctx)
-
-    detach(bs)
-    attach(bs)
+    """Move ``bs`` (and the nodes connected to it) into ``ctx`` with
+    ``bdrv_try_change_aio_context``, as QEMU's ``block-export-add
+    iothread=...`` does before serving a node; raises OSError when the
+    block layer refuses."""
+    ret = bdrv_try_change_aio_context(bs, ctx)
+    if ret < 0:
+        raise OSError(-ret, f"Cannot change the AioContext of {bs!r}: {os.strerror(-ret)}",
+                      bs.filename)
 
 
 # --------------------------------------------------------------------------
@@ -926,14 +904,45 @@ class NBDClient:
                 self._co_send_generic(request.handle, -errno.EINVAL,
                                       "CMD_BLOCK_STATUS not negotiated")
             else:
-                # Every byte is allocated data (no block status in the block
-                # layer): one extent covering the request.
-                payload = (_U32.pack(NBD_META_ID_BASE_ALLOCATION)
-                           + _U32_U32.pack(request.len, 0))
-                self._co_send_chunk(request.handle, NBD_REPLY_FLAG_DONE,
-                                    NBD_REPLY_TYPE_BLOCK_STATUS, [payload])
+                self._co_send_block_status(request, bs)
         else:  # unreachable: rejected in _co_receive_request
             self._co_send_generic(request.handle, -errno.EINVAL, "invalid request type")
+
+    def _co_send_block_status(self, request: NBDRequest, bs: BlockDriverState) -> None:
+        """Port of ``nbd_co_send_block_status`` + ``blockstatus_to_extents``
+        for ``base:allocation``: one extent per run of equal flags --
+        ``NBD_STATE_HOLE`` where the device has no data, ``NBD_STATE_ZERO``
+        where it reads as zeros -- at most ``NBD_MAX_BLOCK_STATUS_EXTENTS``
+        (one with ``NBD_CMD_FLAG_REQ_ONE``).  A short answer is allowed:
+        the client asks again for the rest."""
+        max_extents = 1 if request.flags & NBD_CMD_FLAG_REQ_ONE else NBD_MAX_BLOCK_STATUS_EXTENTS
+        extents: list[list[int]] = []
+        offset, left = request.from_, request.len
+        while left > 0:
+            ret, num, _, _ = bdrv_co_block_status(bs, True, offset, left)
+            if ret < 0:
+                self._co_send_generic(request.handle, ret, "can't get block status")
+                return
+            if num <= 0:  # the device shrank under us: stop here
+                break
+            flags = (0 if ret & BDRV_BLOCK_DATA else NBD_STATE_HOLE) | \
+                (NBD_STATE_ZERO if ret & BDRV_BLOCK_ZERO else 0)
+            last = extents[-1] if extents else None
+            if last is not None and last[1] == flags and last[0] + num <= 0xFFFFFFFF:
+                last[0] += num  # nbd_extent_array_add merges equal neighbours
+            elif len(extents) < max_extents:
+                extents.append([num, flags])
+            else:
+                break
+            offset += num
+            left -= num
+        if not extents:
+            self._co_send_generic(request.handle, -errno.EIO, "can't get block status")
+            return
+        payload = _U32.pack(NBD_META_ID_BASE_ALLOCATION) + \
+            b"".join(_U32_U32.pack(n, f) for n, f in extents)
+        self._co_send_chunk(request.handle, NBD_REPLY_FLAG_DONE,
+                            NBD_REPLY_TYPE_BLOCK_STATUS, [payload])
 
     def _co_handle_read(self, request: NBDRequest, req: _Req, bs: BlockDriverState) -> None:
         """Port of ``nbd_do_cmd_read``."""
