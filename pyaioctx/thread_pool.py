@@ -29,6 +29,18 @@ Where the Python port differs from QEMU, and why:
   rather than on one condition variable.  ``threading.Condition`` allocates a
   lock on every ``wait()``; a per-worker lock allocates nothing, and waking
   the most recently parked worker lets the others reach their idle timeout.
+* Requests of functions declared with :func:`thread_pool_set_batchable`
+  (short, bounded, never waiting for another request: the file driver's
+  reads and writes) do not each wake a worker.  Workers that were just woken
+  or created, or that run such a request, will come back to the queue soon,
+  so another worker is woken only when the queue holds more than
+  ``pool.batch`` (THREAD_POOL_BATCH = 2) requests per such worker.  Under
+  the GIL a wake-up costs the submitter a futex wake and a likely
+  preemption while holding the GIL; QEMU's one wake-up per request made a
+  fifth of the event loop's GIL time at queue depth 32.  Other requests
+  keep QEMU's policy, and a worker that picks one up stops vouching for the
+  batchable requests behind it (waking or creating a replacement), so a
+  long request can never leave a batchable one stranded.
 * A cancelled request is not unlinked from the request queue (a deque has
   no O(1) removal); it is marked DONE and a worker that pops it skips it.
 * Finished requests are handed to the completion BH through a deque rather
@@ -84,6 +96,8 @@ __all__ = [
     "thread_pool_submit_co",
     "thread_pool_submit",
     "thread_pool_update_params",
+    "thread_pool_set_batchable",
+    "THREAD_POOL_BATCH",
 ]
 
 log = logging.getLogger("pyaioctx.thread_pool")
@@ -95,6 +109,35 @@ THREAD_POOL_DEFAULT_MIN = 0
 THREAD_POOL_DEFAULT_MAX = 64
 #: Seconds an idle worker above ``min_threads`` waits before exiting (QEMU: 10 s).
 THREAD_POOL_IDLE_TIMEOUT = 10.0
+#: Queued batchable requests per worker before another worker is woken
+#: (see :func:`thread_pool_set_batchable`).
+THREAD_POOL_BATCH = 2
+
+# Functions registered with thread_pool_set_batchable.  Read without a lock
+# on every submit; only ever grows.
+_batchable: set = set()
+
+
+def thread_pool_set_batchable(func: ThreadPoolFunc) -> ThreadPoolFunc:
+    """Declare that ``func`` always returns after a short, bounded time and
+    never waits for another request of any pool (a read or write of a local
+    file is the example).  Returns func, so it can serve as a decorator.
+
+    Requests of such functions are batched: a worker that is woken, new, or
+    running one of them is trusted to come back to the queue soon, so a new
+    batchable request wakes another worker only when the queue holds more
+    than ``pool.batch`` requests per such worker.  QEMU wakes a worker for
+    every request; under the GIL each wake-up of a parked thread costs the
+    submitting thread a futex wake and usually a preemption *while it holds
+    the GIL*, which measured as a fifth of the event loop's time at queue
+    depth 32 (see benchmarks/RESULTS.md, "Thread pool").  Other functions
+    keep QEMU's policy, so a request that blocks for long, or waits for a
+    later request, still gets a worker of its own.
+    """
+    if not callable(func):
+        raise TypeError(f"thread pool function must be callable, got {type(func).__name__}")
+    _batchable.add(func)
+    return func
 
 
 class ThreadState(enum.IntEnum):
@@ -181,6 +224,12 @@ class ThreadPool:
     ``cur_threads``     workers that exist or are about to; under ``_lock``.
     ``new_threads``     backlog of workers still to create; under ``_lock``.
     ``pending_threads`` created but not running yet; under ``_lock``.
+    ``_cover``          workers that will look at the queue soon: woken or
+                        created and not parked since, or running a
+                        batchable request; under ``_lock``.
+    ``batch``           queued batchable requests per ``_cover`` worker
+                        before another worker is woken; read under
+                        ``_lock``.
     ``min_threads``, ``max_threads``  under ``_lock``.
     ``_threads``        every worker thread started and not yet joined;
                         under ``_lock``.
@@ -208,6 +257,8 @@ class ThreadPool:
         self._threads: set[threading.Thread] = set()
         self._thread_ids = itertools.count(1)
         self.cur_threads = 0
+        self._cover = 0
+        self.batch = THREAD_POOL_BATCH
         self.new_threads = 0
         self.pending_threads = 0
         self.min_threads = THREAD_POOL_DEFAULT_MIN
@@ -291,6 +342,12 @@ def _worker_thread(pool: ThreadPool, me: _Worker) -> None:
     queued = THREAD_QUEUED
     active = THREAD_ACTIVE
     finished = THREAD_DONE
+    batchable = _batchable
+    batch = pool.batch
+    # Whether this worker counts in pool._cover: it was just woken or
+    # created, or it runs a batchable request, so it will look at the queue
+    # again soon.  Only this thread changes it, under the pool lock.
+    cover = True
 
     lock.acquire()
     pool.pending_threads -= 1
@@ -302,10 +359,14 @@ def _worker_thread(pool: ThreadPool, me: _Worker) -> None:
 
     while pool.cur_threads <= pool.max_threads:
         if not requests:
+            if cover:
+                pool._cover -= 1
             idle.append(me)
             lock.release()
             woken = wake.acquire(True, pool._idle_timeout)
             lock.acquire()
+            # Whoever popped us off pool._idle counted us in pool._cover.
+            cover = True
             if not woken:
                 try:
                     idle.remove(me)
@@ -314,6 +375,7 @@ def _worker_thread(pool: ThreadPool, me: _Worker) -> None:
                     # and retaking the lock: take that wake-up, keep going.
                     wake.acquire()
                 else:
+                    cover = False
                     if not requests and pool.cur_threads > pool.min_threads:
                         # Timed out + no work to do + no need for warm
                         # threads = exit.
@@ -326,6 +388,22 @@ def _worker_thread(pool: ThreadPool, me: _Worker) -> None:
         if req.state is not queued:
             continue  # cancelled while queued; already handed to the BH
         req.state = active
+        if req.func in batchable:
+            if not cover:
+                pool._cover += 1
+                cover = True
+        elif cover:
+            # A request of unknown length: this worker may not come back
+            # soon, so it stops vouching for the batchable requests queued
+            # behind it.  Wake a replacement if they are now uncovered.
+            pool._cover -= 1
+            cover = False
+            if requests and len(requests) > batch * pool._cover:
+                if idle:
+                    pool._cover += 1
+                    idle.pop().wake.release()
+                elif pool.cur_threads < pool.max_threads:
+                    _spawn_thread(pool)
         lock.release()
 
         try:
@@ -347,10 +425,13 @@ def _worker_thread(pool: ThreadPool, me: _Worker) -> None:
         lock.acquire()
 
     pool.cur_threads -= 1
+    if cover:
+        pool._cover -= 1
     pool._worker_stopped.notify_all()
     # Wake another worker, in case we consumed a wake-up but decided to exit
     # because cur_threads > max_threads.
     if requests and idle:
+        pool._cover += 1
         idle.pop().wake.release()
     lock.release()
 
@@ -405,6 +486,7 @@ def _start_thread(pool: ThreadPool, t: threading.Thread) -> None:
         with pool._lock:
             pool.pending_threads -= 1
             pool.cur_threads -= 1
+            pool._cover -= 1
             pool._threads.discard(t)
             pool._worker_stopped.notify_all()
         log.error("%s: cannot start a worker thread", pool.name, exc_info=True)
@@ -421,6 +503,7 @@ def _spawn_thread_bh_fn(pool: ThreadPool) -> None:
 def _spawn_thread(pool: ThreadPool) -> None:
     """Port of ``spawn_thread``.  Runs with the pool lock taken."""
     pool.cur_threads += 1
+    pool._cover += 1
     pool.new_threads += 1
     # If there are threads being created, they will spawn new workers, so we
     # don't spend time creating many threads in a loop holding a mutex.  If
@@ -520,12 +603,19 @@ def thread_pool_submit_aio(pool: ThreadPool, func: ThreadPoolFunc, arg: Any,
     lock = pool._lock
     lock.acquire()
     pool._submitted += 1
-    pool._requests.append(req)
-    idle = pool._idle
-    if idle:
-        idle.pop().wake.release()
-    elif pool.cur_threads < pool.max_threads:
-        _spawn_thread(pool)
+    requests = pool._requests
+    requests.append(req)
+    # QEMU wakes (or creates) a worker for every request.  A batchable
+    # request only gets one if the workers that will look at the queue soon
+    # (woken, new, or running batchable requests) have more than ``batch``
+    # queued requests each; see ThreadPool.batch for why.
+    if func not in _batchable or len(requests) > pool.batch * pool._cover:
+        idle = pool._idle
+        if idle:
+            pool._cover += 1
+            idle.pop().wake.release()
+        elif pool.cur_threads < pool.max_threads:
+            _spawn_thread(pool)
     lock.release()
     return req
 
@@ -596,6 +686,7 @@ def _set_params(pool: ThreadPool, min_threads: Any, max_threads: Any) -> None:
         excess = pool.cur_threads - max_threads
         idle = pool._idle
         while excess > 0 and idle:
+            pool._cover += 1
             idle.pop().wake.release()
             excess -= 1
 
@@ -647,11 +738,13 @@ def thread_pool_free(pool: Optional[ThreadPool]) -> None:
         # Stop new threads from spawning.
         qemu_bh_delete(pool.new_thread_bh)
         pool.cur_threads -= pool.new_threads
+        pool._cover -= pool.new_threads
         pool.new_threads = 0
         # Wait for the worker threads to terminate.
         pool.max_threads = 0
         idle = pool._idle
         while idle:
+            pool._cover += 1
             idle.pop().wake.release()
         while pool.cur_threads > 0:
             pool._worker_stopped.wait()
