@@ -425,11 +425,7 @@ def _finalize(ctx: AioContext) -> None:
     event_notifier_cleanup(ctx.notifier)
     ctx.closed = True
     for tl in ctx.tlg.tl:
-        with tl._lock:
-            for _, _, ts in tl._active:
-                ts._key = None
-                ts.expire_time = -1
-            tl._active.clear()
+        tl.clear()
     if leaked:
         raise RuntimeError(
             "BH " + ", ".join(repr(n) for n in leaked)

@@ -1,21 +1,24 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """Clocks and timers: port of QEMU's util/qemu-timer.c (the AioContext part).
 
-Each AioContext owns a timer-list group: one sorted list of active timers per
-clock.  ``aio_poll`` sleeps no longer than the group's nearest deadline and
+Each AioContext owns a timer-list group: one list (a heap) of active timers
+per clock.  ``aio_poll`` sleeps no longer than the group's nearest deadline and
 runs the expired timers after dispatching handlers.
 
 A discussion about time (why the structures look like this):
 
-* Timers are kept in a plain Python list of ``(-expire_ns, -seq, timer)``
-  tuples sorted ascending, i.e. in *reverse* expiry order: the next timer to
-  fire is the last element, so dispatch pops it in O(1).  ``bisect`` on the
-  tuples themselves (no key function: ``seq`` is unique, so the timer object
-  is never compared) finds the place in O(log n) and the list shift is a
-  memmove; QEMU uses a linked list, which in Python would be slower for
-  every size that matters.  ``seq`` breaks ties so timers with the same
+* Timers are kept in a binary heap (``heapq``) of ``(expire_ns, seq,
+  timer)`` tuples: arming and firing are O(log n) whatever order timers are
+  armed in (a sorted list costs a memmove of the whole list per insert in
+  the unlucky order).  QEMU uses a sorted linked list, which in Python would
+  be slower for every size that matters.  ``seq`` is unique, so the timer
+  object is never compared, and it breaks ties so timers with the same
   expiry fire in the order they were armed, like QEMU's insert-after-equal
   rule.
+* As curio's time queue observes, most timeouts are cancelled or moved
+  before they fire.  Deleting a timer therefore only marks its heap entry
+  dead (O(1)); dead entries are dropped when they reach the top, or all at
+  once when they outnumber the live ones.
 * ``timer_mod`` may be called from any thread (QEMU takes
   ``active_timers_lock``); when the new timer becomes the list head the
   owning context is notified so a blocked ``aio_poll`` recomputes its
@@ -29,12 +32,12 @@ A discussion about time (why the structures look like this):
 
 from __future__ import annotations
 
-import bisect
+import heapq
 import itertools
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 __all__ = [
     "QEMU_CLOCK_REALTIME",
@@ -163,15 +166,21 @@ def qemu_soonest_timeout(a: int, b: int) -> int:
 class QEMUTimerList:
     """Active timers of one clock in one AioContext (QEMU's QEMUTimerList).
 
-    ``_active``: ``(-expire_ns, -seq, timer)`` sorted ascending, so the
-    first timer to expire is ``_active[-1]``; any thread, under ``_lock``.  ``notify``: called when the head changes (aio_notify).
+    ``_active``  a binary heap of ``(expire_ns, seq, timer)``; an entry is
+                 live only while ``timer._key is entry`` (deleting or
+                 re-arming a timer leaves its old entry behind, dead, to be
+                 dropped when it reaches the top or when dead entries
+                 outnumber live ones).  Any thread, under ``_lock``.
+    ``_dead``    number of dead entries in the heap; under ``_lock``.
+    ``notify``   called when the earliest expiry moves earlier (aio_notify).
     """
 
-    __slots__ = ("clock_type", "_active", "_lock", "_notify_cb", "__weakref__")
+    __slots__ = ("clock_type", "_active", "_dead", "_lock", "_notify_cb", "__weakref__")
 
     def __init__(self, clock_type: int, notify_cb: Callable[[], None]) -> None:
         self.clock_type = clock_type
         self._active: list[tuple[int, int, QEMUTimer]] = []
+        self._dead = 0
         self._lock = threading.Lock()
         self._notify_cb = notify_cb
         _lists_by_clock[clock_type].add(self)
@@ -180,18 +189,27 @@ class QEMUTimerList:
         self._notify_cb()
 
     def has_timers(self) -> bool:
-        return bool(self._active)
+        return len(self._active) > self._dead
+
+    def _head_locked(self) -> Optional[tuple[int, int, "QEMUTimer"]]:
+        active = self._active
+        while active:
+            entry = active[0]
+            if entry[2]._key is entry:
+                return entry
+            heapq.heappop(active)
+            self._dead -= 1
+        return None
 
     def deadline_ns(self) -> int:
         """Port of ``timerlist_deadline_ns``: ns until the first expiry, -1 if none."""
-        active = self._active
-        if not active or not _clock_enabled[self.clock_type]:
+        if not self._active or not _clock_enabled[self.clock_type]:
             return -1
-        try:
-            expire = -active[-1][0]
-        except IndexError:  # emptied by another thread meanwhile
+        with self._lock:
+            head = self._head_locked()
+        if head is None:
             return -1
-        delta = expire - _CLOCKS[self.clock_type]()
+        delta = head[0] - _CLOCKS[self.clock_type]()
         return delta if delta > 0 else 0
 
     def run_timers(self) -> bool:
@@ -199,7 +217,7 @@ class QEMUTimerList:
 
         Each timer is unlinked before its callback runs, and the lock is not
         held during the callback, so callbacks may re-arm or delete any timer
-        (including their own).
+        (including their own, and others that are also due).
         """
         active = self._active
         if not active or not _clock_enabled[self.clock_type]:
@@ -209,15 +227,17 @@ class QEMUTimerList:
         lock = self._lock
         acquire = lock.acquire
         release = lock.release
-        neg_now = -now
+        heappop = heapq.heappop
         while True:
             # One timer at a time, re-checking the head under the lock: a
             # callback may delete or re-arm timers that are also due.
             acquire()
-            if not active or active[-1][0] < neg_now:
+            head = self._head_locked()
+            if head is None or head[0] > now:
                 release()
                 break
-            ts = active.pop()[2]
+            heappop(active)
+            ts = head[2]
             ts._key = None
             ts.expire_time = -1
             release()
@@ -226,25 +246,42 @@ class QEMUTimerList:
         return progress
 
     def _insert_locked(self, ts: "QEMUTimer", expire_ns: int) -> bool:
-        key = (-expire_ns, -next(_seq), ts)
+        key = (expire_ns, next(_seq), ts)
         ts._key = key
         ts.expire_time = expire_ns
         active = self._active
-        i = bisect.bisect_left(active, key[:2])
-        active.insert(i, key)
-        return i == len(active) - 1  # the new head: the deadline moved
+        heapq.heappush(active, key)
+        return active[0] is key  # the new head: the deadline moved earlier
 
     def _remove_locked(self, ts: "QEMUTimer") -> None:
-        key = ts._key
-        if key is None:
+        if ts._key is None:
             return
-        active = self._active
-        # (a, b) sorts just before (a, b, ts), and seq is unique, so the
-        # entry at i is ours.
-        i = bisect.bisect_left(active, key[:2])
-        del active[i]
         ts._key = None
         ts.expire_time = -1
+        self._dead += 1
+        active = self._active
+        # Most timers are deleted or re-armed before they fire; compact
+        # once the dead outnumber the live so the heap stays O(live).
+        if self._dead > 64 and self._dead * 2 > len(active):
+            live = [e for e in active if e[2]._key is e]
+            heapq.heapify(live)
+            active[:] = live
+            self._dead = 0
+
+    def live_timers(self) -> list["QEMUTimer"]:
+        """The pending timers, earliest first (a snapshot)."""
+        with self._lock:
+            return [e[2] for e in sorted(self._active) if e[2]._key is e]
+
+    def clear(self) -> None:
+        """Disarm every timer (the context is being finalised)."""
+        with self._lock:
+            for e in self._active:
+                if e[2]._key is e:
+                    e[2]._key = None
+                    e[2].expire_time = -1
+            self._active.clear()
+            self._dead = 0
 
 
 # itertools.count is atomic under the GIL: a unique tiebreaker per arm.
@@ -278,10 +315,10 @@ class QEMUTimerListGroup:
         return progress
 
     def has_timers(self) -> bool:
-        return any(tl._active for tl in self.tl)
+        return any(tl.has_timers() for tl in self.tl)
 
     def pending_names(self) -> list[str]:
-        return [e[2].name for tl in self.tl for e in list(tl._active)]
+        return [ts.name for tl in self.tl for ts in tl.live_timers()]
 
 
 class QEMUTimer:

@@ -498,3 +498,28 @@ def test_timer_schedule_realtime_sequence(ctx):
     gaps = [b - a for a, b in zip([start] + stamps, stamps)]
     assert all(g >= period for g in gaps), gaps
     assert not timer_pending(ts)
+
+
+def test_rearm_and_delete_many_keep_the_timer_list_bounded(ctx):
+    """Deleting or re-arming only marks the old heap entry dead: dead entries
+    must never fire, equal expiries fire in arming order, and the list is
+    compacted so 10,000 re-arms of 10 timers do not leave 10,000 entries."""
+    fired = []
+    timers = [aio_timer_new(ctx, QEMU_CLOCK_VIRTUAL, SCALE_NS, fired.append, i) for i in range(10)]
+    base = vnow()
+    for round_ in range(1000):
+        for ts in timers:
+            timer_mod_ns(ts, base + 1_000_000 + round_)
+    tl = timers[0].timer_list
+    assert len(tl._active) < 200, "dead entries were never compacted"
+    timer_del(timers[3])
+    for ts in timers:
+        if ts is not timers[3]:
+            timer_mod_ns(ts, base + 5_000)  # all equal: arming order decides
+    qemu_clock_advance_virtual_time(base + 5_000)
+    drain(ctx)
+    assert fired == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    assert not any(timer_pending(ts) for ts in timers)
+    assert not tl.has_timers()
+    for ts in timers:
+        timer_free(ts)
