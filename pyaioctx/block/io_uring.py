@@ -89,6 +89,11 @@ from ..aio import (
     qemu_bh_schedule,
 )
 from ..aiocb import AIOCBInfo, BlockAIOCB, qemu_aio_unref
+from ..coroutine import aio_co_wake as _aio_co_wake
+from ..coroutine import qemu_coroutine_entered as _coroutine_entered
+from ..coroutine import qemu_coroutine_self as _coroutine_self
+from ..coroutine import qemu_coroutine_yield as _coroutine_yield
+from ..coroutine import qemu_in_coroutine as _in_coroutine
 from ..event_notifier import (
     EventNotifier,
     event_notifier_cleanup,
@@ -1022,44 +1027,3 @@ def aio_get_linux_io_uring(ctx: AioContext) -> LuringState:
     if s is None:
         raise RuntimeError("aio_get_linux_io_uring: call aio_setup_linux_io_uring(ctx) first")
     return s
-
-
-# --------------------------------------------------------------------------
-# Coroutine hooks, bound on first use: the coroutine package imports the
-# event loop, and this module must import without it being set up.  After
-# the first call each name is the coroutine package's own function.
-
-def _bind_coroutine_hooks() -> None:
-    from .. import coroutine as c
-
-    g = globals()
-    g["_in_coroutine"] = c.qemu_in_coroutine
-    g["_coroutine_self"] = c.qemu_coroutine_self
-    g["_coroutine_yield"] = c.qemu_coroutine_yield
-    g["_coroutine_entered"] = c.qemu_coroutine_entered
-    g["_aio_co_wake"] = c.aio_co_wake
-
-
-def _in_coroutine() -> bool:
-    _bind_coroutine_hooks()
-    return _in_coroutine()
-
-
-def _coroutine_self() -> Any:
-    _bind_coroutine_hooks()
-    return _coroutine_self()
-
-
-def _coroutine_yield() -> None:
-    _bind_coroutine_hooks()
-    _coroutine_yield()
-
-
-def _coroutine_entered(co: Any) -> bool:
-    _bind_coroutine_hooks()
-    return _coroutine_entered(co)
-
-
-def _aio_co_wake(co: Any) -> None:
-    _bind_coroutine_hooks()
-    _aio_co_wake(co)
