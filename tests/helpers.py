@@ -62,3 +62,69 @@ def drain(ctx: AioContext, limit: int = 1000) -> int:
         if not aio_poll(ctx, False):
             return i
     raise AssertionError(f"aio_poll(ctx, False) still making progress after {limit} calls")
+
+
+class IOThread:
+    """QEMU's IOThread: a thread whose current context is ``ctx`` and which
+    polls it until stopped.  An exception raised in it is re-raised by
+    ``stop``.  ``ident`` is its OS thread id, ``lt`` its logical thread."""
+
+    def __init__(self, name: str = "test-iothread", wait_s: float = 10.0) -> None:
+        from pyaioctx import _tls, aio_context_new, qemu_set_current_aio_context
+
+        self.ctx = aio_context_new()
+        self.wait_s = wait_s
+        self.stopping = False
+        self.error: BaseException | None = None
+        self.ident = 0
+        self.lt = None
+        ready = threading.Event()
+
+        def run() -> None:
+            qemu_set_current_aio_context(self.ctx)
+            self.ident = threading.get_ident()
+            self.lt = _tls.current()
+            ready.set()
+            try:
+                while not self.stopping:
+                    aio_poll(self.ctx, True)
+            except BaseException as e:  # noqa: BLE001 - reported by stop()
+                self.error = e
+            finally:
+                qemu_set_current_aio_context(None)
+
+        self.thread = threading.Thread(target=run, name=name)
+        self.thread.start()
+        assert ready.wait(wait_s), "the iothread did not start"
+
+    def run_bh(self, fn):
+        """Run ``fn()`` in a BH of the iothread and return its result (or
+        re-raise its exception)."""
+        from pyaioctx import aio_bh_schedule_oneshot
+
+        box: list = []
+        done = threading.Event()
+
+        def bh(_) -> None:
+            try:
+                box.append(fn())
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                box.append(e)
+            done.set()
+
+        aio_bh_schedule_oneshot(self.ctx, bh, None)
+        assert done.wait(self.wait_s), "the iothread did not run the BH"
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def stop(self) -> None:
+        from pyaioctx import aio_context_unref
+
+        self.stopping = True
+        aio_notify(self.ctx)
+        self.thread.join(self.wait_s)
+        assert not self.thread.is_alive(), "the iothread did not stop"
+        aio_context_unref(self.ctx)
+        if self.error is not None:
+            raise self.error

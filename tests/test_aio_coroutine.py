@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from helpers import IOThread
 
 import pyaioctx
 from pyaioctx import _tls
@@ -54,41 +55,6 @@ def poll_until(ctx, cond, timeout=WAIT_S):
         if time.monotonic() > deadline:
             raise TimeoutError("condition not reached")
         aio_poll(ctx, False) or time.sleep(0.0005)
-
-
-class IOThread:
-    """A thread that makes ``ctx`` its current context and polls it (QEMU's
-    IOThread).  Errors raised in it are re-raised by ``stop``."""
-
-    def __init__(self) -> None:
-        self.ctx = aio_context_new()
-        self.stopping = False
-        self.error: BaseException | None = None
-        self.lt = None
-        ready = threading.Event()
-
-        def run() -> None:
-            qemu_set_current_aio_context(self.ctx)
-            self.lt = _tls.current()
-            ready.set()
-            try:
-                while not self.stopping:
-                    aio_poll(self.ctx, True)
-            except BaseException as e:  # noqa: BLE001
-                self.error = e
-
-        self.thread = threading.Thread(target=run, name="test-iothread")
-        self.thread.start()
-        assert ready.wait(WAIT_S)
-
-    def stop(self) -> None:
-        self.stopping = True
-        aio_notify(self.ctx)
-        self.thread.join(WAIT_S)
-        assert not self.thread.is_alive()
-        aio_context_unref(self.ctx)
-        if self.error is not None:
-            raise self.error
 
 
 @pytest.fixture

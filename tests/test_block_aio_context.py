@@ -19,6 +19,7 @@ import threading
 from typing import Any, Callable
 
 import pytest
+from helpers import IOThread
 
 import pyaioctx as q
 from pyaioctx.block import (
@@ -37,62 +38,6 @@ from test_block_fixtures import AioBackend, aio_backend, make_image, open_image 
 
 WAIT_S = 10
 SIZE = 1 << 20
-
-
-class IOThread:
-    """QEMU's IOThread: a thread whose current context is ``ctx`` and which
-    polls it until stopped.  Errors in it are re-raised by ``stop``."""
-
-    def __init__(self) -> None:
-        self.ctx = q.aio_context_new()
-        self.stopping = False
-        self.error: BaseException | None = None
-        self.ident = 0
-        ready = threading.Event()
-
-        def run() -> None:
-            q.qemu_set_current_aio_context(self.ctx)
-            self.ident = threading.get_ident()
-            ready.set()
-            try:
-                while not self.stopping:
-                    q.aio_poll(self.ctx, True)
-            except BaseException as e:  # noqa: BLE001 - reported by stop()
-                self.error = e
-            finally:
-                q.qemu_set_current_aio_context(None)
-
-        self.thread = threading.Thread(target=run, name="test-iothread")
-        self.thread.start()
-        assert ready.wait(WAIT_S)
-
-    def run_bh(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` in a BH of the iothread (aio_bh_schedule_oneshot) and
-        return its result."""
-        box: list = []
-        done = threading.Event()
-
-        def bh(_: Any) -> None:
-            try:
-                box.append(fn())
-            except BaseException as e:  # noqa: BLE001 - re-raised below
-                box.append(e)
-            done.set()
-
-        q.aio_bh_schedule_oneshot(self.ctx, bh, None)
-        assert done.wait(WAIT_S), "the iothread did not run the BH"
-        if isinstance(box[0], BaseException):
-            raise box[0]
-        return box[0]
-
-    def stop(self) -> None:
-        self.stopping = True
-        q.aio_notify(self.ctx)
-        self.thread.join(WAIT_S)
-        assert not self.thread.is_alive()
-        q.aio_context_unref(self.ctx)
-        if self.error is not None:
-            raise self.error
 
 
 def _fds() -> set[str]:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import pytest
 
 import pyaioctx as q
-from helpers import watchdog
+from helpers import IOThread, watchdog
 
 WAIT_S = 10.0
 IMG_SIZE = 64 * 1024
@@ -120,42 +120,6 @@ def _refused(fn: Callable[[], Any], allowed=(errno.EIO, errno.EPERM, errno.EINVA
         assert type(e) is not Exception, f"unspecific exception {e!r}"
         return
     assert isinstance(ret, int) and -ret in allowed, f"request not refused: {ret!r}"
-
-
-class IOThread:
-    """QEMU's IOThread: a thread whose current context is ``ctx``, polling it."""
-
-    def __init__(self) -> None:
-        self.ctx = q.aio_context_new()
-        self.stopping = False
-        self.error: BaseException | None = None
-        self.ident = 0
-        ready = threading.Event()
-
-        def run() -> None:
-            q.qemu_set_current_aio_context(self.ctx)
-            self.ident = threading.get_ident()
-            ready.set()
-            try:
-                while not self.stopping:
-                    q.aio_poll(self.ctx, True)
-            except BaseException as e:  # noqa: BLE001 - reported by stop()
-                self.error = e
-            finally:
-                q.qemu_set_current_aio_context(None)
-
-        self.thread = threading.Thread(target=run, name="contract-iothread")
-        self.thread.start()
-        assert ready.wait(WAIT_S)
-
-    def stop(self) -> None:
-        self.stopping = True
-        q.aio_notify(self.ctx)
-        self.thread.join(WAIT_S)
-        assert not self.thread.is_alive()
-        q.aio_context_unref(self.ctx)
-        if self.error is not None:
-            raise self.error
 
 
 def _need_laio() -> None:
