@@ -932,6 +932,44 @@ def test_cli_tcp_and_signal_shutdown(disk_dir: Path, sig: int) -> None:
     assert img.read_bytes()[8192:12288] == b"\x42" * 4096
 
 
+_TGKILL = {"x86_64": 234, "aarch64": 131}
+
+
+def test_cli_shutdown_when_the_signal_hits_a_worker_thread(disk_dir: Path) -> None:
+    """SIGTERM delivered to a thread-pool worker, not the main thread, still
+    stops the server at once (the main thread is blocked in epoll_wait and
+    is woken through the signal wake-up fd)."""
+    import ctypes
+    import platform
+
+    nr = _TGKILL.get(platform.machine())
+    if nr is None:
+        pytest.skip(f"tgkill syscall number unknown on {platform.machine()}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    img = disk_dir / "cli.img"
+    make_image(img)
+    p = _cli(["-p", "0", "-t", "-x", "vol", "--print-uri", "--aio", "threads", str(img)])
+    try:
+        uri = p.stdout.readline().strip()  # type: ignore[union-attr]
+        port = int(uri.rsplit(":", 1)[1].split("/")[0])
+        s = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        c = RawClient(s).connect("vol")
+        assert c.write(0, b"\x17" * 4096) == 0  # starts pool workers
+        tids = [int(t) for t in os.listdir(f"/proc/{p.pid}/task") if int(t) != p.pid]
+        assert tids, "no worker thread to signal"
+        time.sleep(0.2)  # let the main thread block in epoll_wait
+        assert libc.syscall(nr, p.pid, tids[0], int(signal.SIGTERM)) == 0
+        assert p.wait(TIMEOUT) == 0, p.stderr.read()  # type: ignore[union-attr]
+        s.close()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stdout.close()  # type: ignore[union-attr]
+        p.stderr.close()  # type: ignore[union-attr]
+    assert img.read_bytes()[:4096] == b"\x17" * 4096
+
+
 def test_cli_unix_not_persistent(disk_dir: Path) -> None:
     img = disk_dir / "cli.img"
     make_image(img)

@@ -172,6 +172,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         stop.append(signum)
         aio_notify(ctx)
 
+    # The kernel may deliver the signal to any thread (the thread pool's
+    # workers included); then nothing interrupts the main thread's
+    # epoll_wait and the Python handler would only run at the next
+    # unrelated wake-up.  signal.set_wakeup_fd makes the C-level handler
+    # write to a pipe that the context watches, so the main thread wakes up
+    # and runs on_signal whichever thread the signal hit.
+    from ..aio import aio_set_fd_handler
+
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+
+    def drain_wakeup(_: Any) -> None:
+        try:
+            while os.read(wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    aio_set_fd_handler(ctx, wake_r, False, drain_wakeup, None)
+    old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
@@ -207,6 +228,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        signal.set_wakeup_fd(old_wakeup)
+        aio_set_fd_handler(ctx, wake_r, False, None, None)
+        os.close(wake_r)
+        os.close(wake_w)
         if args.pid_file:
             try:
                 os.unlink(args.pid_file)
