@@ -4,11 +4,13 @@
 For each aio backend (threads, native, io_uring) and queue depth (1, 32,
 128): 4 KiB reads, ``-t none``, on a 1 GiB pre-filled raw image under
 ``.scratch/`` (a real disk: O_DIRECT).  Both tools run in the same invocation,
-alternating, and the table shows requests per second of each and the ratio
-pyaioctx / qemu-img.  ``--write-results`` replaces the "## pyaioctx bench vs
-qemu-img bench" section of benchmarks/RESULTS.md.
+alternating, ``--repeat`` times per point; the table shows the median
+requests per second of each and the median of the per-pair ratios
+pyaioctx / qemu-img (the disk's speed drifts, so each ratio compares two
+neighbouring runs).  ``--write-results`` replaces the "## pyaioctx bench
+vs qemu-img bench" section of benchmarks/RESULTS.md.
 
-    python benchmarks/bench_cli.py [--count N] [--write-results]
+    python benchmarks/bench_cli.py [--count N] [--repeat R] [--write-results]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +41,8 @@ def run(cmd: list[str]) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--count", type=int, default=20000, help="requests per run")
+    ap.add_argument("--count", type=int, default=100000, help="requests per run")
+    ap.add_argument("--repeat", type=int, default=3, help="alternating runs per point")
     ap.add_argument("--size", default="1G")
     ap.add_argument("--write-results", action="store_true")
     a = ap.parse_args()
@@ -62,26 +66,34 @@ def main() -> int:
         ok, why = aio_engine_available(aio)
         for depth in (1, 32, 128):
             if not ok:
-                rows.append((aio, depth, None, None, why))
+                rows.append((aio, depth, None, None, why))  # type: ignore[arg-type]
                 continue
             opts = ["-f", "raw", "-t", "none", "-i", aio, "-c", str(a.count), "-d", str(depth),
                     "-s", "4k", str(img)]
-            q = run([qemu_img, "bench", *opts])
-            p = run([sys.executable, "-m", "pyaioctx", "bench", *opts])
-            rows.append((aio, depth, a.count / q, a.count / p, ""))
-            print(f"{aio:9} depth {depth:3}: qemu-img {a.count / q:9.0f} req/s, "
-                  f"pyaioctx {a.count / p:8.0f} req/s, ratio {q / p:.3f}", flush=True)
+            qs, ps, ratios = [], [], []
+            for _ in range(a.repeat):
+                q = run([qemu_img, "bench", *opts])
+                p = run([sys.executable, "-m", "pyaioctx", "bench", *opts])
+                qs.append(a.count / q)
+                ps.append(a.count / p)
+                ratios.append(q / p)
+            rows.append((aio, depth, statistics.median(qs), statistics.median(ps),
+                         statistics.median(ratios)))
+            print(f"{aio:9} depth {depth:3}: qemu-img {statistics.median(qs):9.0f} req/s, "
+                  f"pyaioctx {statistics.median(ps):8.0f} req/s, ratios "
+                  + " ".join(f"{r:.2f}" for r in ratios), flush=True)
     lines = [SECTION, "",
-             f"4 KiB reads, `-t none`, 1 GiB pre-filled raw image on disk, {a.count} requests per run;",
+             f"4 KiB reads, `-t none`, 1 GiB pre-filled raw image on disk, {a.count} requests per run,",
+             f"{a.repeat} alternating runs per point (medians; ratio = median of the per-pair ratios);",
              f"`{version}` vs `python -m pyaioctx bench` with the same options, in the same run;",
              f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
              f"Linux {platform.release()}.  Requests per second; ratio = pyaioctx / qemu-img.",
              "", "| aio | depth | qemu-img req/s | pyaioctx req/s | ratio |", "|---|---:|---:|---:|---:|"]
-    for aio, depth, q, p, why in rows:
+    for aio, depth, q, p, ratio in rows:
         if q is None:
-            lines.append(f"| {aio} | {depth} | unavailable: {why} | | |")
+            lines.append(f"| {aio} | {depth} | unavailable: {ratio} | | |")
         else:
-            lines.append(f"| {aio} | {depth} | {q:.0f} | {p:.0f} | {p / q:.3f} |")
+            lines.append(f"| {aio} | {depth} | {q:,.0f} | {p:,.0f} | {ratio:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.write_results:

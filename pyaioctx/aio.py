@@ -250,6 +250,7 @@ class AioContext:
         self.thread_pool: Any = None
         self.linux_aio: Any = None
         self.linux_io_uring: Any = None
+        self.blk_completions: Any = None  # the block layer's deferred completions
         self._cleanup_hooks: list[Callable[["AioContext"], None]] = []
         self.fdmon: FDMon = fdmon_new(fdmon)
         self.tlg = QEMUTimerListGroup(self._timer_notify)

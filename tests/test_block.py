@@ -536,3 +536,191 @@ def test_pythonic_face(disk_dir, aio_backend):
         assert ei.value.errno == errno.EIO
         bs.drain()
     assert bs.closed
+
+
+# --------------------------------------------------------------------------
+# The direct path (bdrv_aio_* without a coroutine) and deferred completions
+
+def _aligned_buf(n: int = 4096):
+    from pyaioctx import qemu_memalign
+    buf = qemu_memalign(4096, n)
+    return buf, memoryview(buf).cast("B")
+
+
+def test_aio_direct_path_round_trip_and_accounting(disk_dir, aio_backend):
+    """Aligned callback requests skip the coroutine, and everything the
+    coroutine path does still happens: data, callback after the submit
+    returned, tracked while in flight, accounting, write generation."""
+    from pyaioctx.block.block import _DirectAIOCB
+    path = disk_dir / "img"
+    make_image(path, SIZE)
+    with open_image(path, aio_backend) as bs:
+        wbuf, wmv = _aligned_buf(8192)
+        wmv[:] = os.urandom(8192)
+        done = []
+        returned = []
+        acb = bdrv_aio_pwritev(bs, 8192, QEMUIOVector(wmv), 0,
+                               lambda o, r: done.append((o, r, list(returned))), "w")
+        returned.append("w")
+        assert isinstance(acb, _DirectAIOCB)
+        assert acb in bs.tracked_requests and bs.in_flight >= 1
+        gen = bs.write_gen
+        _wait(lambda: done)
+        assert done == [("w", 0, ["w"])]  # after bdrv_aio_pwritev returned
+        assert acb not in bs.tracked_requests and bs.in_flight == 0
+        assert bs.write_gen == gen + 1  # the next flush has work to do
+        rbuf, rmv = _aligned_buf(8192)
+        acb = bdrv_aio_preadv(bs, 8192, QEMUIOVector(rmv), 0, lambda o, r: done.append((o, r)), "r")
+        assert isinstance(acb, _DirectAIOCB)
+        _wait(lambda: len(done) == 2)
+        assert done[1] == ("r", 0) and bytes(rmv) == bytes(wmv)
+        st = bdrv_get_stats(bs)
+        assert (st.rd_operations, st.rd_bytes, st.wr_operations, st.wr_bytes) == (1, 8192, 1, 8192)
+        assert st.wr_highest_offset == 16384
+        # Out of range: refused through the coroutine path, -EIO, nothing accounted as done.
+        acb = bdrv_aio_preadv(bs, SIZE, QEMUIOVector(rmv), 0, lambda o, r: done.append((o, r)), "x")
+        assert not isinstance(acb, _DirectAIOCB)
+        _wait(lambda: len(done) == 3)
+        assert done[2] == ("x", -errno.EIO)
+        assert bdrv_get_stats(bs).rd_operations == 1
+
+
+def test_unaligned_write_waits_for_direct_request(disk_dir, aio_backend):
+    """A read-modify-write that overlaps a direct request in flight waits
+    for it, so the direct write is never undone by a stale read."""
+    if not aio_backend.direct:
+        pytest.skip("buffered I/O needs no read-modify-write (request_alignment 1)")
+    from pyaioctx.block.block import _DirectAIOCB
+    path = disk_dir / "img"
+    old = make_image(path, SIZE)
+    with open_image(path, aio_backend) as bs:
+        wbuf, wmv = _aligned_buf(4096)
+        wmv[:] = b"A" * 4096
+        done = []
+        a = bdrv_aio_pwritev(bs, 0, QEMUIOVector(wmv), 0, lambda o, r: done.append((o, r)), "A")
+        assert isinstance(a, _DirectAIOCB)
+        b = bdrv_aio_pwritev(bs, 100, QEMUIOVector(bytearray(b"B" * 10)), 0,
+                             lambda o, r: done.append((o, r)), "B")
+        assert not isinstance(b, _DirectAIOCB)
+        waiting = [r.waiting_for for r in bs.tracked_requests if r is not a]
+        assert a in waiting, "the read-modify-write did not wait for the direct write"
+        _wait(lambda: len(done) == 2)
+        assert done == [("A", 0), ("B", 0)]
+        assert bs.read(0, 4096) == b"A" * 100 + b"B" * 10 + b"A" * 3986
+        assert bs.read(4096, 4096) == old[4096:8192]
+
+
+def test_direct_path_declines_misaligned_buffer(disk_dir, aio_backend):
+    """O_DIRECT with a buffer the device cannot use: the file driver
+    declines the direct path and the coroutine path bounces it."""
+    from pyaioctx.block.block import _DirectAIOCB
+    path = disk_dir / "img"
+    data = make_image(path, SIZE)
+    with open_image(path, aio_backend) as bs:
+        raw = bytearray(4096 + 1)
+        view = memoryview(raw)[1:]
+        done = []
+        acb = bdrv_aio_preadv(bs, 4096, QEMUIOVector(view), 0, lambda o, r: done.append(r), None)
+        assert isinstance(acb, _DirectAIOCB) == (not aio_backend.direct)
+        _wait(lambda: done)
+        assert done == [0] and bytes(view) == data[4096:8192]
+
+
+def test_user_driver_aio_callbacks_take_the_direct_path():
+    """A driver with bdrv_aio_preadv gets simple requests directly; returning
+    None declines, and the request takes the coroutine path instead."""
+    from pyaioctx.aiocb import AIOCBInfo, BlockAIOCB
+    from pyaioctx.aio import aio_bh_schedule_oneshot
+
+    calls = []
+    info = AIOCBInfo(BlockAIOCB, None, None, "test-direct")
+
+    def op(bs, options, flags):
+        bs.opaque = bytearray(options.pop("size", 65536))
+        return 0
+
+    def co_preadv(bs, offset, bytes, qiov, flags):
+        calls.append(("co", offset))
+        qiov.from_buf(0, bs.opaque[offset:offset + bytes])
+        return 0
+
+    def aio_preadv(bs, offset, bytes, qiov, flags, cb, opaque):
+        if offset % 8192:
+            return None  # decline
+        calls.append(("aio", offset))
+        qiov.from_buf(0, bs.opaque[offset:offset + bytes])
+        acb = BlockAIOCB(info, bs, cb, opaque)
+        aio_bh_schedule_oneshot(qemu_get_aio_context(), lambda _: cb(opaque, 0))
+        return acb
+
+    drv = BlockDriver(format_name="direct-test", bdrv_open=op,
+                      bdrv_getlength=lambda bs: len(bs.opaque),
+                      bdrv_co_preadv=co_preadv, bdrv_aio_preadv=aio_preadv)
+    bdrv_register(drv)
+    try:
+        with bdrv_open(None, {"driver": "direct-test"}, BDRV_O_RDWR) as bs:
+            bs.opaque[8192:8200] = b"12345678"
+            done = []
+            for off in (8192, 4096):
+                bdrv_aio_preadv(bs, off, QEMUIOVector(bytearray(8)), 0,
+                                lambda o, r: done.append((o, r)), off)
+            _wait(lambda: len(done) == 2)
+            assert sorted(done) == [(4096, 0), (8192, 0)]
+            assert calls == [("aio", 8192), ("co", 4096)]
+    finally:
+        bdrv_unregister(drv)
+
+
+def test_synchronous_completions_keep_order_and_never_run_early():
+    """Requests that finish inside their submit (null-co) call back from a
+    BH, in submission order, never before the submit returned; what those
+    callbacks submit calls back in a later aio_bh_poll."""
+    with bdrv_open(None, {"driver": "null-co", "size": 1 << 20}, BDRV_O_RDWR) as bs:
+        ctx = bdrv_get_aio_context(bs)
+        order = []
+        submitted = []
+
+        def cb(i, ret):
+            assert ret == 0 and i in submitted
+            order.append(i)
+            if i < 5:
+                submitted.append(i + 100)
+                bdrv_aio_preadv(bs, 0, QEMUIOVector(bytearray(512)), 0, cb, i + 100)
+
+        for i in range(10):
+            bdrv_aio_preadv(bs, 0, QEMUIOVector(bytearray(512)), 0, cb, i)
+            submitted.append(i)
+        assert order == []
+        aio_poll(ctx, False)
+        assert order == list(range(10))  # the new requests wait for the next poll
+        aio_poll(ctx, False)
+        assert order == list(range(10)) + [100, 101, 102, 103, 104]
+
+
+def test_synchronous_completion_callback_can_poll_for_the_next():
+    """A callback that runs a nested event loop (bdrv_pread) while other
+    completions are queued behind it does not deadlock: the nested loop
+    delivers them (the completion BH is re-entrant)."""
+    with bdrv_open(None, {"driver": "null-co", "size": 1 << 20}, BDRV_O_RDWR) as bs:
+        order = []
+
+        ctx = bdrv_get_aio_context(bs)
+
+        def cb(i, ret):
+            order.append(i)
+            if i == 0:
+                # Waits in a nested aio_poll for the completions queued
+                # behind this one.
+                n = 0
+                while 2 not in order:
+                    aio_poll(ctx, True)
+                    n += 1
+                    assert n < 1000, "queued completions never delivered"
+                assert bdrv_pread(bs, 0, 512, bytearray(512)) == 0
+                order.append("nested-done")
+
+        for i in range(3):
+            bdrv_aio_preadv(bs, 0, QEMUIOVector(bytearray(512)), 0, cb, i)
+        _wait(lambda: len(order) == 4)
+        assert order == [0, 1, 2, "nested-done"]
+        bdrv_drain(bs)

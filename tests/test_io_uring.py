@@ -323,9 +323,10 @@ def test_unplugged_submits_each_request(ctx, image):
     _wait(ctx, lambda: len(res) == 8)
 
 
-def test_callbacks_of_one_walk_submit_in_one_batch(ctx, image):
+def test_callbacks_of_one_walk_submit_in_halves(ctx, image):
     """Requests queued by the callbacks of one completion walk go to the
-    kernel in one io_uring_enter after the walk (an implicit plug)."""
+    kernel in batches (an implicit plug): the first half as soon as it is
+    queued, so the device works while the walk runs, the rest after it."""
     import time
 
     fd, data, _ = image
@@ -334,11 +335,14 @@ def test_callbacks_of_one_walk_submit_in_one_batch(ctx, image):
     res = []
     bufs = [_buf() for _ in range(2 * n)]
 
+    queued = []
+
     def cb(i, ret):
         res.append((i, ret))
         if i < n:
             U.luring_submit(None, s, fd, (i + n) * BS, QEMUIOVector(bufs[i + n]),
                             QEMU_AIO_READ, cb, i + n)
+            queued.append(s.io_q.in_queue)
 
     s._walk_depth += 1  # keep the submit from reaping: all CQEs wait in the ring
     U.luring_io_plug(None, s)
@@ -354,7 +358,8 @@ def test_callbacks_of_one_walk_submit_in_one_batch(ctx, image):
     before = s.submit_calls
     U._completion_cb(s.e)  # one walk over n completions
     assert sum(1 for i, _ in res if i < n) == n
-    assert s.submit_calls - before == 1
+    assert s.submit_calls - before == 2
+    assert queued == [1, 2, 3, 4, 5, 6, 7, 0] * 2
     _wait(ctx, lambda: len(res) == 2 * n)
     assert sorted(res) == [(i, 0) for i in range(2 * n)]
     assert all(bytes(bufs[i]) == bytes(data[i * BS:(i + 1) * BS]) for i in range(2 * n))
@@ -513,6 +518,43 @@ def test_deep_resubmission_from_callbacks_does_not_recurse(ctx, disk_dir):
 
         U.luring_submit(None, s, fd, 0, QEMUIOVector(buf), QEMU_AIO_READ, cb, None)
         _wait(ctx, lambda: left[0] == 0)
+    finally:
+        os.close(fd)
+
+
+def test_walk_yields_to_event_loop_on_endless_completions(ctx, disk_dir):
+    """Cached reads complete inside io_uring_enter, as fast as callbacks
+    resubmit them: the walk stops after cq_entries completions and its BH
+    goes on after timers ran, so the event loop is never starved."""
+    path = disk_dir / "cached-endless.img"
+    data = os.urandom(16 * BS)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(fd, len(data), 0)  # warm the page cache
+        s = U.aio_setup_linux_io_uring(ctx)
+        total = 20000
+        state = {"done": 0, "at_timer": None}
+        buf = bytearray(BS)
+        qiov = QEMUIOVector(buf)
+
+        def cb(_, ret):
+            assert ret == 0
+            state["done"] += 1
+            if state["done"] + 8 <= total:
+                U.luring_submit(None, s, fd, 0, qiov, QEMU_AIO_READ, cb, None)
+
+        def on_timer(_):
+            state["at_timer"] = state["done"]
+
+        t = q.aio_timer_new(ctx, q.QEMU_CLOCK_REALTIME, q.SCALE_NS, on_timer, None)
+        for _ in range(8):
+            U.luring_submit(None, s, fd, 0, qiov, QEMU_AIO_READ, cb, None)
+        q.timer_mod_ns(t, q.qemu_clock_get_ns(q.QEMU_CLOCK_REALTIME) + 1_000_000)
+        _wait(ctx, lambda: state["done"] == total, limit=10 ** 6)
+        q.timer_free(t)
+        assert state["at_timer"] is not None, "the timer never ran"
+        assert state["at_timer"] < total, "the completion walk ran the whole chain in one go"
     finally:
         os.close(fd)
 

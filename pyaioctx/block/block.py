@@ -32,8 +32,8 @@ the coroutine and ``aio_poll`` the device's context until it is done -- QEMU's
 ``BDRV_POLL_WHILE``.  That works from inside a completion callback too (a
 nested event loop); inside a coroutine they call the coroutine version
 directly.  Callback requests (``bdrv_aio_*``, QEMU's ``blk_aio_prwv``) never
-call back before they returned; they cannot be cancelled once started (as in
-QEMU, cancelling waits for the real result).
+call back before they returned; on the coroutine path they cannot be
+cancelled once started (as in QEMU, cancelling waits for the real result).
 
 Threads: a BlockDriverState belongs to its AioContext's home thread (the main
 context for everything :func:`bdrv_open` returns); every function here runs
@@ -53,10 +53,22 @@ Deviations from QEMU, on purpose:
   never skipped as "nothing written since the last flush".
 * Errors from ``bdrv_open`` are Python exceptions (``ValueError`` for bad
   options, ``OSError`` with ``filename`` for files) carrying QEMU's messages.
+* The direct path: ``bdrv_aio_preadv``/``bdrv_aio_pwritev`` give a request
+  that needs nothing from steps 3-4 (aligned, inside the device, no flags,
+  nothing serialising in flight) and comes from the home thread straight to
+  the driver's ``bdrv_aio_preadv``/``bdrv_aio_pwritev`` callback, without a
+  coroutine (in Python the coroutine, its wake-up and the completion BH are
+  most of such a request's cost).  Steps 1, 2 and 5 and the tracking of
+  step 3 still apply; cancellation goes to the driver's AIOCB.  A driver
+  may decline (return None); the request then takes the coroutine path.
+* Callback requests that finished before their submit returned are
+  delivered by one re-entrant BH per context, in order, instead of a
+  oneshot BH each (:class:`_DeferredCompletions`).
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import time
@@ -67,8 +79,13 @@ from .._tls import _local as _tls_local
 from ..coroutine._core import _coroutine_new as _co_create, _enter as _co_enter
 from ..aio import (
     AioContext,
+    aio_bh_new_full,
     aio_bh_schedule_oneshot,
     aio_bh_schedule_oneshot_full,
+    aio_context_add_cleanup,
+    qemu_bh_cancel,
+    qemu_bh_delete,
+    qemu_bh_schedule,
     aio_wait_while,
     qemu_get_aio_context,
 )
@@ -1904,6 +1921,65 @@ def _blk_aio_complete(acb: BlkAioEmAIOCB) -> None:
             qemu_aio_unref(acb)
 
 
+class _DeferredCompletions:
+    """Callback requests that finished before their submit returned, for
+    one AioContext; the home thread only.
+
+    QEMU delivers each with its own oneshot BH (blk_aio_complete_bh).  One
+    BH per context with a queue gives the same order and the same "not
+    before the submit returned" rule for a fraction of the cost (a BH
+    object per request is most of what a synchronous request costs in
+    Python).  The BH is re-entrant like the Linux AIO completion BH: it
+    stays scheduled while it runs, so a callback that runs a nested
+    aio_poll finds the rest of the queue delivered there.  Each run
+    delivers only what was queued when it started -- what those callbacks
+    complete waits for the next aio_bh_poll, as new oneshot BHs would.
+    """
+
+    __slots__ = ("bh", "queue")
+
+    def __init__(self, ctx: AioContext) -> None:
+        self.queue: collections.deque = collections.deque()
+        self.bh = aio_bh_new_full(ctx, _deferred_completions_bh, self, "blk_aio_complete")
+
+
+def _deferred_completions_bh(dc: _DeferredCompletions) -> None:
+    queue = dc.queue
+    bh = dc.bh
+    qemu_bh_schedule(bh)
+    n = len(queue)
+    try:
+        while n > 0 and queue:
+            n -= 1
+            acb = queue.popleft()
+            if acb.__class__ is _DirectAIOCB:
+                _direct_done(acb, acb.ret)
+            else:
+                _blk_aio_complete(acb)
+    finally:
+        if not queue:
+            qemu_bh_cancel(bh)
+
+
+def _deferred_completions_cleanup(ctx: AioContext) -> None:
+    dc = ctx.blk_completions
+    if dc is not None:
+        ctx.blk_completions = None
+        qemu_bh_delete(dc.bh)
+
+
+def _defer_completion(ctx: AioContext, acb: BlockAIOCB) -> None:
+    # Deliver acb's completion from a BH of ctx (home thread only).
+    dc = ctx.blk_completions
+    if dc is None:
+        dc = ctx.blk_completions = _DeferredCompletions(ctx)
+        aio_context_add_cleanup(ctx, _deferred_completions_cleanup)
+    queue = dc.queue
+    if not queue:
+        qemu_bh_schedule(dc.bh)
+    queue.append(acb)
+
+
 def _blk_aio_entry(acb: BlkAioEmAIOCB) -> None:
     acb.ret = acb.fn()
     acb.fn = None
@@ -1950,7 +2026,10 @@ def _blk_aio_start(bs: BlockDriverState, acb: BlkAioEmAIOCB, entry: Callable[[An
     finally:
         acb.has_returned = True
     if acb.ret is not _NOT_DONE:
-        aio_bh_schedule_oneshot_full(ctx, _blk_aio_complete, acb, "blk_aio_complete")
+        if lt is not None and lt.ctx is ctx:
+            _defer_completion(ctx, acb)
+        else:
+            aio_bh_schedule_oneshot_full(ctx, _blk_aio_complete, acb, "blk_aio_complete")
     return acb
 
 
@@ -1963,11 +2042,166 @@ def _blk_aio_prwv(fn: str, bs: BlockDriverState, call: Callable[[], int],
     return _blk_aio_start(bs, acb, _blk_aio_entry, "_blk_aio_entry")
 
 
+# --------------------------------------------------------------------------
+# The direct path: a callback request that needs nothing from the generic
+# layer goes straight to the driver's bdrv_aio_preadv/pwritev.
+#
+# QEMU always runs blk_aio_preadv through a coroutine (blk_aio_prwv ->
+# bdrv_co_preadv -> the driver); in C that costs next to nothing.  In Python
+# the coroutine, its wake-up and the completion BH are most of a request's
+# CPU time, so a request the coroutine path would hand to the driver
+# unchanged skips them: aligned to request_alignment, inside the device, no
+# flags, no serialising request in flight (so nothing to wait for), the
+# device's length fixed, submitted from the home thread of its context.
+# Everything the coroutine path does for such a request still happens, in
+# the same order: in-flight count, tracked request (so a later serialising
+# request waits for this one), accounting, write generation, the callback
+# never before the submit returned, and exactly once.
+
+
+class _DirectAIOCB(BlockAIOCB):
+    """A request on the direct path: the AIOCB its caller gets and, at the
+    same time, its tracked request (it has _TrackedRequest's fields, so
+    serialising requests find it in ``bs.tracked_requests``).
+
+    ``inner`` is the driver's AIOCB (cancellation goes there); ``ret`` is
+    ``_NOT_DONE`` until the driver called back.  Home thread only.
+    """
+
+    __slots__ = ("offset", "bytes", "type", "wait_queue", "inner", "start", "has_returned",
+                 "ret")
+
+    # _TrackedRequest fields that never change for a direct request: it is
+    # never serialising, never waits, and belongs to no coroutine.
+    serialising = False
+    waiting_for = None
+    co = None
+
+    @property
+    def overlap_offset(self) -> int:
+        return self.offset
+
+    @property
+    def overlap_bytes(self) -> int:
+        return self.bytes
+
+
+def _direct_cancel_async(acb: _DirectAIOCB) -> None:
+    inner = acb.inner
+    if acb.ret is _NOT_DONE and inner is not None and inner.refcnt > 0:
+        cancel = inner.aiocb_info.cancel_async
+        if cancel is not None:
+            cancel(inner)
+
+
+_direct_aiocb_info = AIOCBInfo(_DirectAIOCB, _direct_cancel_async, _blk_aio_get_aio_context,
+                               "blk_aio_direct")
+
+
+def _direct_done(acb: _DirectAIOCB, ret: int) -> None:
+    # The driver's completion callback.  A driver may call back before its
+    # submit returned (Linux AIO reaps right after io_submit); the caller's
+    # callback then waits for a BH, as blk_aio_prwv's does.
+    acb.ret = ret
+    if not acb.has_returned:
+        return
+    # The tail of bdrv_co_preadv/pwritev (tracked request end, accounting
+    # as _account_request, bdrv_co_write_req_finish), then blk_aio_complete.
+    bs = acb.bs
+    del bs.tracked_requests[acb]
+    stats = bs.acct
+    now = _monotonic_ns()
+    t = _ACCT_WRITE if acb.type == _TRACKED_WRITE else _ACCT_READ
+    if t == _ACCT_WRITE:
+        bs.write_gen += 1
+    if ret < 0:
+        stats.failed_ops[t] += 1
+        if stats.account_failed:
+            stats.total_time_ns[t] += now - acb.start
+            stats.last_access_time_ns = now
+    else:
+        stats.nr_bytes[t] += acb.bytes
+        stats.nr_ops[t] += 1
+        stats.total_time_ns[t] += now - acb.start
+        stats.last_access_time_ns = now
+        if t == _ACCT_WRITE:
+            end = acb.offset + acb.bytes
+            if end > stats.wr_highest_offset:
+                stats.wr_highest_offset = end
+    if acb.wait_queue is not None:
+        # _tracked_request_end_slow outside a coroutine: serialising
+        # requests that waited for this one go on now.
+        _co.qemu_co_enter_all(acb.wait_queue)
+    bs.cb_depth += 1
+    try:
+        cb = acb.cb
+        if cb is not None:
+            cb(acb.opaque, ret)
+    finally:
+        bs.cb_depth -= 1
+        bs.in_flight -= 1
+        acb.inner = None
+        if acb.refcnt > 0:
+            acb.refcnt -= 1
+        else:
+            qemu_aio_unref(acb)
+
+
+def _direct_finish(acb: _DirectAIOCB) -> None:
+    # The completion BH of a request the driver finished before its submit
+    # returned.
+    _direct_done(acb, acb.ret)
+
+
+def _aio_direct(bs: BlockDriverState, submit: Callable[..., Any], offset: int, nbytes: int,
+                qiov: QEMUIOVector, type: int, cb: Any, opaque: Any) -> Optional[BlockAIOCB]:
+    # Submit on the direct path; None when the driver declined (then nothing
+    # happened and the caller takes the coroutine path).
+    acb = _DirectAIOCB.__new__(_DirectAIOCB)
+    acb.aiocb_info = _direct_aiocb_info
+    acb.bs = bs
+    acb.cb = cb
+    acb.opaque = opaque
+    acb.refcnt = 1
+    acb.offset = offset
+    acb.bytes = nbytes
+    acb.type = type
+    acb.wait_queue = acb.inner = None
+    acb.has_returned = False
+    acb.ret = _NOT_DONE
+    bs.tracked_requests[acb] = None  # type: ignore[index]
+    bs.in_flight += 1
+    acb.start = _monotonic_ns()
+    try:
+        inner = submit(bs, offset, nbytes, qiov, 0, _direct_done, acb)
+    except BaseException:
+        if acb.ret is _NOT_DONE:
+            del bs.tracked_requests[acb]  # type: ignore[arg-type]
+            bs.in_flight -= 1
+        raise
+    if inner is None:
+        if acb.ret is not _NOT_DONE:
+            raise RuntimeError(f"driver '{bs.drv.format_name}' declined a request "  # type: ignore[union-attr]
+                               "it had already completed")
+        del bs.tracked_requests[acb]  # type: ignore[arg-type]
+        bs.in_flight -= 1
+        return None
+    acb.inner = inner
+    acb.has_returned = True
+    if acb.ret is not _NOT_DONE:
+        _defer_completion(bs.aio_context, acb)  # the direct path runs in the home thread
+    return acb
+
+
 def bdrv_aio_preadv(bs: BlockDriverState, offset: int, qiov: QEMUIOVector, flags: int,
                     cb: Any, opaque: Any) -> BlockAIOCB:
     """Port of ``blk_aio_preadv``: read ``qiov.size`` bytes at ``offset``,
     then ``cb(opaque, ret)`` once (never before this returns).  Wrong types
-    raise at once; refused requests call back with -errno."""
+    raise at once; refused requests call back with -errno.
+
+    Deviation: a driver with ``bdrv_aio_preadv`` gets simple requests
+    (aligned, in bounds, no flags, nothing serialising) directly, without a
+    coroutine; see the module docstring."""
     if (bs.__class__ is not BlockDriverState or offset.__class__ is not int
             or qiov.__class__ is not QEMUIOVector or flags.__class__ is not int):
         fn = "bdrv_aio_preadv"
@@ -1977,6 +2211,23 @@ def bdrv_aio_preadv(bs: BlockDriverState, offset: int, qiov: QEMUIOVector, flags
         raise TypeError("bdrv_aio_preadv: cannot read into a read-only qiov")
     if cb is not None and not callable(cb):
         raise TypeError(f"bdrv_aio_preadv: cb must be callable, got {type(cb).__name__}")
+    drv = bs.drv
+    if drv is not None and drv.bdrv_aio_preadv is not None and not flags:
+        # May it take the direct path?  (_aio_direct's comment says when.)
+        nbytes = qiov.size
+        mt = bs.bl.max_transfer
+        if (not bs.serialising_in_flight and not bs.has_variable_length and nbytes > 0
+                and offset >= 0 and not (offset | nbytes) & (bs.bl.request_alignment - 1)
+                and offset + nbytes <= bs.total_bytes and (not mt or nbytes <= mt)):
+            try:
+                home = _tls_local.lt.ctx is bs.aio_context
+            except AttributeError:
+                home = False
+            if home:
+                r = _aio_direct(bs, drv.bdrv_aio_preadv, offset, nbytes, qiov,
+                                _TRACKED_READ, cb, opaque)
+                if r is not None:
+                    return r
     acb = BlkAioEmAIOCB(_blk_aio_em_aiocb_info, bs, cb, opaque)
     acb.offset = offset
     acb.qiov = qiov
@@ -1986,7 +2237,8 @@ def bdrv_aio_preadv(bs: BlockDriverState, offset: int, qiov: QEMUIOVector, flags
 
 def bdrv_aio_pwritev(bs: BlockDriverState, offset: int, qiov: QEMUIOVector, flags: int,
                      cb: Any, opaque: Any) -> BlockAIOCB:
-    """Port of ``blk_aio_pwritev``."""
+    """Port of ``blk_aio_pwritev`` (with the direct path of
+    :func:`bdrv_aio_preadv`)."""
     if (bs.__class__ is not BlockDriverState or offset.__class__ is not int
             or qiov.__class__ is not QEMUIOVector or flags.__class__ is not int):
         fn = "bdrv_aio_pwritev"
@@ -1994,6 +2246,23 @@ def bdrv_aio_pwritev(bs: BlockDriverState, offset: int, qiov: QEMUIOVector, flag
         _check_qiov_args(fn, offset, 0, qiov, 0, flags, False)
     if cb is not None and not callable(cb):
         raise TypeError(f"bdrv_aio_pwritev: cb must be callable, got {type(cb).__name__}")
+    drv = bs.drv
+    if drv is not None and drv.bdrv_aio_pwritev is not None and not flags and not bs.read_only:
+        # The test of bdrv_aio_preadv.
+        nbytes = qiov.size
+        mt = bs.bl.max_transfer
+        if (not bs.serialising_in_flight and not bs.has_variable_length and nbytes > 0
+                and offset >= 0 and not (offset | nbytes) & (bs.bl.request_alignment - 1)
+                and offset + nbytes <= bs.total_bytes and (not mt or nbytes <= mt)):
+            try:
+                home = _tls_local.lt.ctx is bs.aio_context
+            except AttributeError:
+                home = False
+            if home:
+                r = _aio_direct(bs, drv.bdrv_aio_pwritev, offset, nbytes, qiov,
+                                _TRACKED_WRITE, cb, opaque)
+                if r is not None:
+                    return r
     acb = BlkAioEmAIOCB(_blk_aio_em_aiocb_info, bs, cb, opaque)
     acb.offset = offset
     acb.qiov = qiov

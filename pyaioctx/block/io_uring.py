@@ -238,6 +238,9 @@ class LuringState:
         self._next_id = 1
         # Depth of completion walks on the stack; see ioq_submit.
         self._walk_depth = 0
+        # Requests the callbacks of the outermost walk queue before they are
+        # submitted without waiting for the walk to end (_process_completions).
+        self.walk_split = 1
         self._retry_timer: Any = None
         self._retry_ms = 1
         try:
@@ -446,9 +449,28 @@ def _process_completions(s: LuringState, clear: bool = False) -> int:
         ring.get_events(0)
     e = s.e
     reaped = total = 0
+    # Completions the outermost walk may still process before it leaves
+    # the rest to the BH (nested walks run until the ring is empty).
+    budget = s.cq_entries if s._walk_depth == 0 else None
+    if budget is not None:
+        # Submit in halves (linux_aio._process_completions says why).
+        s.walk_split = (io_q.in_flight + 1) // 2 or 1
+    more = False
     s._walk_depth += 1
     try:
         while True:
+            # One batch: the CQEs ready now.  What their callbacks queued is
+            # submitted before the next batch, so the device is kept busy
+            # while a long walk runs (the Linux AIO walk's rule, see
+            # linux_aio._walk_ring).
+            batch = ring.cq_peek()
+            if batch and io_q.in_queue > 0 and not io_q.plugged and not io_q.blocked:
+                ioq_submit(s)
+            if budget is not None:
+                if budget <= 0 and batch:
+                    more = True
+                    break
+                budget -= batch
             # reap() releases each CQE before yielding it, and rereads the
             # head every time: a nested walk continues where we are.
             for user_data, res, _flags in ring.reap():
@@ -462,6 +484,13 @@ def _process_completions(s: LuringState, clear: bool = False) -> int:
                 # Change counters one-by-one because we can be nested.
                 io_q.in_flight -= 1
                 _luring_complete(s, ent, res)
+                batch -= 1
+                if batch <= 0 and ring.cq_peek():
+                    break  # end of the batch: submit, then the next one
+            else:
+                batch = 0
+            if batch <= 0 and ring.cq_peek():
+                continue
             if ring.sq_flags() & _SQ_CQ_OVERFLOW:
                 # Completions parked in the kernel's overflow list reach the
                 # ring only through io_uring_enter(GETEVENTS).
@@ -479,8 +508,11 @@ def _process_completions(s: LuringState, clear: bool = False) -> int:
             break
     finally:
         s._walk_depth -= 1
-    qemu_bh_cancel(bh)
-    return total
+    if not more:
+        qemu_bh_cancel(bh)
+    # else: CQEs are left in the ring; the BH, still scheduled, continues
+    # after the event loop's other work.
+    return total + reaped
 
 
 def _process_completions_and_submit(s: LuringState, clear: bool = False) -> None:
@@ -702,11 +734,13 @@ def _luring_do_submit(fd: int, luringcb: LuringAIOCB, s: LuringState, offset: in
     io_q = s.io_q
     io_q.pending.append(luringcb)
     io_q.in_queue += 1
-    # Inside a completion walk the queue is implicitly plugged: the walk is
-    # followed by one submit of everything its callbacks queued (one
-    # io_uring_enter per batch of completions instead of one per request).
+    # Inside a completion walk the queue is implicitly plugged: what its
+    # callbacks queue is submitted between batches of completions, when the
+    # walk ends, or once half of what the walk began with is waiting
+    # (walk_split) -- one io_uring_enter per batch instead of one per request.
     if not io_q.blocked and ((not io_q.plugged and s._walk_depth == 0)
-                             or io_q.in_queue >= _max_batch(s)):
+                             or io_q.in_queue >= _max_batch(s)
+                             or (not io_q.plugged and io_q.in_queue >= s.walk_split)):
         ret = ioq_submit(s)
         # A refused submit is not the request's failure: it stays queued.
         return ret if ret > 0 else 0
@@ -793,6 +827,25 @@ def luring_submit(bs: Any, s: LuringState, fd: int, offset: int,
     # Hold a reference across the submit: the request may complete (and
     # drop its own reference) before we return it.
     luringcb.refcnt += 1
+    ret = _luring_do_submit(fd, luringcb, s, offset, type)
+    luringcb.refcnt -= 1
+    if ret < 0:
+        qemu_aio_unref(luringcb)
+        return None
+    return luringcb
+
+
+def luring_submit_direct(bs: Any, s: LuringState, fd: int, offset: int, qiov: QEMUIOVector,
+                         type: int, cb: Callable[[Any, int], None],
+                         opaque: Any) -> Optional[BlockAIOCB]:
+    """:func:`luring_submit` without its argument checks, for callers that
+    made them already (the block layer's direct path)."""
+    luringcb = LuringAIOCB(_info, bs, cb, opaque)
+    luringcb.state = s
+    luringcb.qiov = qiov
+    luringcb.is_read = type == QEMU_AIO_READ
+    luringcb.datasync = True
+    luringcb.refcnt = 2  # held across the submit, as in luring_submit
     ret = _luring_do_submit(fd, luringcb, s, offset, type)
     luringcb.refcnt -= 1
     if ret < 0:
