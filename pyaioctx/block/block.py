@@ -1479,18 +1479,32 @@ def _preadv_checked(bs: BlockDriverState, offset: int, bytes: int, qiov: QEMUIOV
                     qiov_offset: int, flags: int) -> int:
     # bdrv_co_preadv_part once the argument types are known to be right:
     # the request checks, accounting and the read.  Every read goes through
-    # here exactly once (bdrv_co_preadv* and bdrv_aio_preadv).
-    ret = _check_request(bs, offset, bytes, False)
-    if ret < 0:
-        block_acct_invalid(bs.acct, BLOCK_ACCT_READ)
-        return ret
+    # here exactly once (bdrv_co_preadv* and bdrv_aio_preadv on the
+    # coroutine path).
+    if (bs.parent is not None or bs.has_variable_length or bs.closed or bs.drv is None
+            or offset < 0 or bytes < 0 or bytes > BDRV_REQUEST_MAX_BYTES
+            or offset + bytes > bs.total_bytes):
+        # Not the common case (_check_request's fast answer, inlined): ask.
+        ret = _check_request(bs, offset, bytes, False)
+        if ret < 0:
+            block_acct_invalid(bs.acct, BLOCK_ACCT_READ)
+            return ret
     start = _monotonic_ns()
     try:
         ret = _co_preadv_part(bs, offset, bytes, qiov, qiov_offset, flags)
     except BaseException:
         _account_request(bs.acct, _ACCT_READ, bytes, start, True)
         raise
-    _account_request(bs.acct, _ACCT_READ, bytes, start, ret < 0)
+    if ret < 0:
+        _account_request(bs.acct, _ACCT_READ, bytes, start, True)
+    else:
+        # _account_request for a success, inlined.
+        stats = bs.acct
+        now = _monotonic_ns()
+        stats.nr_bytes[_ACCT_READ] += bytes
+        stats.nr_ops[_ACCT_READ] += 1
+        stats.total_time_ns[_ACCT_READ] += now - start
+        stats.last_access_time_ns = now
     return ret
 
 
