@@ -14,8 +14,9 @@ Two paths, each at queue depth 1, 32 and 128, 4 KiB reads:
 
 Reported: requests per second (wall clock) and CPU microseconds per request
 (``time.process_time``), best of ``--repeat`` runs, since other processes
-on the machine add noise.  ``--write-results`` replaces the "## Block layer
-(null-co)" section of benchmarks/RESULTS.md.  ``--tree DIR`` imports
+on the machine add noise.  ``--write-results`` replaces the generated table of
+the "## Block layer (null-co)" section of benchmarks/RESULTS.md (between its
+markers), keeping the text around it.  ``--tree DIR`` imports
 pyaioctx from another checkout (to compare before and after a change).
 
     python benchmarks/bench_block.py [--count N] [--repeat R] [--write-results]
@@ -123,15 +124,9 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if a.write_results:
-        res = ROOT / "benchmarks" / "RESULTS.md"
-        cur = res.read_text() if res.exists() else "# Benchmark results\n"
-        start = cur.find(SECTION)
-        if start >= 0:
-            end = cur.find("\n## ", start + len(SECTION))
-            cur = cur[:start] + text + (cur[end + 1:] if end >= 0 else "")
-        else:
-            cur = cur.rstrip("\n") + "\n\n" + text
-        res.write_text(cur)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _results import write_generated
+        write_generated("bench_block", SECTION, text.split("\n", 2)[2])
     return 0
 
 

@@ -7,8 +7,9 @@ For each aio backend (threads, native, io_uring) and queue depth (1, 32,
 alternating, ``--repeat`` times per point; the table shows the median
 requests per second of each and the median of the per-pair ratios
 pyaioctx / qemu-img (the disk's speed drifts, so each ratio compares two
-neighbouring runs).  ``--write-results`` replaces the "## pyaioctx bench
-vs qemu-img bench" section of benchmarks/RESULTS.md.
+neighbouring runs).  ``--write-results`` replaces the generated table of
+the "## pyaioctx bench vs qemu-img bench" section of benchmarks/RESULTS.md
+(between its markers), keeping the text around it.
 
     python benchmarks/bench_cli.py [--count N] [--repeat R] [--write-results]
 """
@@ -97,15 +98,9 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if a.write_results:
-        res = ROOT / "benchmarks" / "RESULTS.md"
-        cur = res.read_text() if res.exists() else "# Benchmark results\n"
-        start = cur.find(SECTION)
-        if start >= 0:
-            end = cur.find("\n## ", start + len(SECTION))
-            cur = cur[:start] + text + (cur[end + 1:] if end >= 0 else "")
-        else:
-            cur = cur.rstrip("\n") + "\n\n" + text
-        res.write_text(cur)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _results import write_generated
+        write_generated("bench_cli", SECTION, text.split("\n", 2)[2])
     return 0
 
 

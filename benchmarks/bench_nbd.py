@@ -10,11 +10,16 @@ over a unix socket and over TCP on 127.0.0.1:
 Servers run with their defaults for a raw file (threads AIO, page cache),
 persistent and without a connection limit: ``pyaioctx nbd -t -e 0``,
 ``qemu-nbd -t -e 0 -f raw``, ``nbdkit -f file``.  The file is written once
-with random data so that page-cache hits are the same for everyone.
+with random data, and read in full before each server starts, so that
+page-cache hits are the same for everyone.
 
 Usage::
 
-    python benchmarks/bench_nbd.py [--size 1G] [--runtime 5] [--dir DIR] [--json]
+    python benchmarks/bench_nbd.py [--size 1G] [--runtime 5] [--repeat 3] [--dir DIR] [--json]
+
+With ``--repeat N`` the whole series (every transport, every server) runs N
+times, the servers taking turns, and each cell is the median of its N runs:
+on a shared machine one server's run can land in a slow phase.
 
 Tools that are missing are reported and their rows skipped.
 """
@@ -22,10 +27,12 @@ Tools that are missing are reported and their rows skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
+import statistics
 import signal
 import socket
 import subprocess
@@ -62,6 +69,9 @@ def wait_ready(transport: str, addr: str, timeout: float = 15) -> None:
 def start(server: str, img: Path, transport: str, d: Path) -> tuple[subprocess.Popen, str]:
     if transport == "unix":
         addr = str(d / f"{server}.sock")
+        # A server killed by the previous run may have left its socket.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(addr)
         uri = f"nbd+unix:///?socket={addr}"
     else:
         addr = str(free_port())
@@ -81,6 +91,15 @@ def start(server: str, img: Path, transport: str, d: Path) -> tuple[subprocess.P
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_ready(transport, addr)
     return p, uri
+
+
+def warm(img: Path) -> None:
+    """Read the whole image, so that every server starts with it all in the
+    page cache (a virtual machine's host may reclaim guest cache between
+    runs, and a read that misses costs a server far more than one that hits)."""
+    with open(img, "rb", buffering=0) as f:
+        while f.read(1 << 20):
+            pass
 
 
 def stop(p: subprocess.Popen) -> None:
@@ -125,6 +144,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=parse_size, default=1 << 30)
     ap.add_argument("--runtime", type=float, default=5)
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", default=None, help="where to put the image (default: a temp dir)")
     ap.add_argument("--servers", default="pyaioctx,qemu-nbd,nbdkit")
     ap.add_argument("--transports", default="unix,tcp")
@@ -137,30 +157,39 @@ def main() -> int:
     have_fio, have_copy = shutil.which("fio"), shutil.which("nbdcopy")
     d = Path(tempfile.mkdtemp(prefix="bench-nbd-", dir=args.dir))
     img = d / "disk.img"
-    results = []
+    runs: dict = {}
     try:
         with open(img, "wb") as f:
             chunk = os.urandom(1 << 20)
             for _ in range(args.size >> 20):
                 f.write(chunk)
-        for transport in args.transports.split(","):
-            for server in servers:
-                p, uri = start(server, img, transport, d)
-                try:
-                    row = {"server": server, "transport": transport}
-                    if have_fio:
-                        # Warm the page cache and the server once.
-                        fio(uri, 32, 1, args.size)
-                        row["qd1_iops"] = fio(uri, 1, args.runtime, args.size)
-                        row["qd32_iops"] = fio(uri, 32, args.runtime, args.size)
-                    if have_copy:
-                        row["nbdcopy_mib_s"] = nbdcopy(uri, args.size)
-                finally:
-                    stop(p)
-                results.append(row)
-                print(json.dumps(row), file=sys.stderr)
+        for rep in range(args.repeat):
+            for transport in args.transports.split(","):
+                for server in servers:
+                    warm(img)
+                    p, uri = start(server, img, transport, d)
+                    try:
+                        row = {"server": server, "transport": transport, "run": rep}
+                        if have_fio:
+                            # Warm the page cache and the server once.
+                            fio(uri, 32, 1, args.size)
+                            row["qd1_iops"] = fio(uri, 1, args.runtime, args.size)
+                            row["qd32_iops"] = fio(uri, 32, args.runtime, args.size)
+                        if have_copy:
+                            row["nbdcopy_mib_s"] = nbdcopy(uri, args.size)
+                    finally:
+                        stop(p)
+                    runs.setdefault((transport, server), []).append(row)
+                    print(json.dumps(row), file=sys.stderr)
     finally:
         shutil.rmtree(d, ignore_errors=True)
+    results = []
+    for (transport, server), rows in runs.items():
+        med = {"server": server, "transport": transport, "runs": len(rows)}
+        for key in ("qd1_iops", "qd32_iops", "nbdcopy_mib_s"):
+            vals = [r[key] for r in rows if r.get(key) is not None]
+            med[key] = statistics.median(vals) if vals else None
+        results.append(med)
     if args.json:
         print(json.dumps(results, indent=1))
         return 0

@@ -639,6 +639,83 @@ def test_many_in_flight_and_clients(disk_dir: Path) -> None:
     assert raw[3 * quarter + 39 * 4096] == 3 * 40 + 39
 
 
+class _CountingSocket:
+    """Stands in for a client's server-side socket and counts sendmsg calls
+    (every other attribute is the real socket's)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.sendmsg_calls = 0
+
+    def sendmsg(self, bufs: Any, *a: Any) -> int:
+        self.sendmsg_calls += 1
+        return self._sock.sendmsg(bufs, *a)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _count_sends(st: ServerThread) -> _CountingSocket:
+    def swap() -> _CountingSocket:
+        (client,) = st.server.clients  # type: ignore[union-attr]
+        client.sock = _CountingSocket(client.sock)
+        return client.sock
+    return st.call(swap)
+
+
+def test_pipelined_replies_go_out_in_one_write(disk_dir: Path) -> None:
+    """Replies to requests that arrived in one burst are corked and sent
+    together: one sendmsg (one wake-up of the client) instead of one per
+    reply, every reply complete and correct."""
+    data = os.urandom(SIZE)
+    st, img = file_server(disk_dir, data=data)
+    with st:
+        c = RawClient(st.connect()).connect()
+        counter = _count_sends(st)
+        n = 12  # fewer than MAX_NBD_REQUESTS: all of them are received at once
+        c.s.sendall(b"".join(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, NBD_CMD_READ, h,
+                                         h * 8192, 4096) for h in range(n)))
+        got = {}
+        for _ in range(n):
+            err, h, d = c.simple_reply(4096)
+            assert err == 0
+            got[h] = d
+        assert got == {h: data[h * 8192:h * 8192 + 4096] for h in range(n)}
+        sends = st.call(lambda: counter.sendmsg_calls)
+        # One burst, one write; two if the burst was split on the way in.
+        assert 1 <= sends <= 2, f"{sends} sendmsg calls for {n} pipelined replies"
+        c.request(NBD_CMD_DISC)
+        c.s.close()
+
+
+def test_corked_replies_are_sent_when_the_burst_stalls(disk_dir: Path) -> None:
+    """Two reads followed by a write whose payload has not fully arrived:
+    the reads' replies were corked behind the write, which now waits for the
+    client -- they must still be sent (the client waits for them before it
+    sends the rest of the payload)."""
+    data = os.urandom(SIZE)
+    st, img = file_server(disk_dir, data=data)
+    with st:
+        c = RawClient(st.connect()).connect()
+        payload = os.urandom(4096)
+        reads = b"".join(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, NBD_CMD_READ, h,
+                                     h * 4096, 4096) for h in (1, 2))
+        write_hdr = struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, NBD_CMD_WRITE, 3,
+                                65536, 4096)
+        c.s.sendall(reads + write_hdr + payload[:1000])
+        got = {}
+        for _ in range(2):
+            err, h, d = c.simple_reply(4096)  # times out if they stay corked
+            assert err == 0
+            got[h] = d
+        assert got == {1: data[4096:8192], 2: data[8192:12288]}
+        c.s.sendall(payload[1000:])
+        assert c.simple_reply() == (0, 3, b"")
+        assert c.read(65536, 4096, handle=4) == (0, payload)
+        c.request(NBD_CMD_DISC)
+        c.s.close()
+
+
 def test_max_connections_and_not_persistent(disk_dir: Path) -> None:
     st, _ = file_server(disk_dir, max_connections=1, persistent=False)
     with st:

@@ -37,6 +37,9 @@ import struct
 from typing import Any, Callable, Iterable, Optional, Union
 
 from ..aio import (
+    aio_bh_new,
+    qemu_bh_delete,
+    qemu_bh_schedule,
     AioContext,
     aio_notify,
     aio_set_fd_handler,
@@ -109,6 +112,11 @@ _RBUF_SIZE = 256 * 1024
 # Buffers up to this size are recycled instead of being mapped per request.
 _POOL_MAX_SIZE = 4 * 1024 * 1024
 _POOL_PER_CLASS = 64
+# Replies held back while more requests are already buffered (see
+# NBDClient._co_send_locked): at most this many bytes and pieces, so that
+# one sendmsg carries them (IOV_MAX is 1024) and memory stays bounded.
+_CORK_MAX_BYTES = 256 * 1024
+_CORK_MAX_PIECES = 256
 
 _GREETING = struct.pack(">QQH", NBD_INIT_MAGIC, NBD_OPTS_MAGIC,
                         NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES)
@@ -119,6 +127,8 @@ _U64_U16 = struct.Struct(">QH")
 _U32_U32 = struct.Struct(">II")
 _OFFSET = struct.Struct(">Q")
 _ERROR_CHUNK = struct.Struct(">IH")
+# A structured reply's header followed by the OFFSET_DATA chunk's offset.
+_OFFSET_DATA_CHUNK = struct.Struct(">IHHQIQ")
 
 # Extents in one BLOCK_STATUS reply (QEMU's NBD_MAX_BLOCK_STATUS_EXTENTS:
 # 1 MiB of 8-byte descriptors).
@@ -126,6 +136,8 @@ NBD_MAX_BLOCK_STATUS_EXTENTS = (1 << 20) // 8
 
 # Result of receiving a request that is NBD_CMD_DISC (a clean disconnect).
 _DISC = 1
+_REQUEST_SIZE = REQUEST.size
+_REQUEST_UNPACK_FROM = REQUEST.unpack_from
 
 
 class NBDDisconnect(Exception):
@@ -205,6 +217,21 @@ class NBDExport:
                 f"{' ro' if self.readonly else ''} flags={self.nbdflags:#x}>")
 
 
+def _drop_sent(bufs: list, n: int) -> list:
+    """The pieces of ``bufs`` left after its first ``n`` bytes went out."""
+    out = []
+    for b in bufs:
+        ln = b.nbytes if b.__class__ is memoryview else len(b)
+        if n >= ln:
+            n -= ln
+        elif n:
+            out.append(memoryview(b)[n:])
+            n = 0
+        else:
+            out.append(b)
+    return out
+
+
 # --------------------------------------------------------------------------
 # Buffer pool
 
@@ -213,35 +240,53 @@ class _BufferPool:
 
     Each ``qemu_blockalign`` maps fresh memory (two syscalls); at tens of
     thousands of requests a second that is measurable, so buffers of up to
-    4 MiB are kept per size class.  Home thread only.
+    4 MiB are kept per size class.  A pooled buffer keeps its byte view and
+    a one-entry QEMUIOVector over it, so a request of exactly the class
+    size (the common 4 KiB read) builds neither.  Home thread only.
+
+    ``get`` returns ``(entry, view, qiov)``: ``entry`` goes back to ``put``
+    with ``view``; ``qiov`` is None when the request is shorter than its
+    buffer (the caller builds one over ``view``).
     """
 
     def __init__(self, align: int) -> None:
         self.align = max(align, 4096)
         self.free: dict[int, list] = {}
 
-    def get(self, bs: BlockDriverState, size: int) -> tuple[Any, memoryview]:
+    def get(self, bs: BlockDriverState, size: int) -> tuple[tuple, memoryview, Optional[QEMUIOVector]]:
         if size > _POOL_MAX_SIZE:
             buf = qemu_blockalign(bs, max(size, 1))
-            return buf, memoryview(buf).cast("B")[:size]
+            view = memoryview(buf).cast("B")[:size]
+            return (buf, view, None), view, None
         cls = 4096
         while cls < size:
             cls <<= 1
         lst = self.free.get(cls)
-        buf = lst.pop() if lst else qemu_blockalign(bs, cls)
-        return buf, memoryview(buf).cast("B")[:size]
+        if lst:
+            entry = lst.pop()
+        else:
+            buf = qemu_blockalign(bs, cls)
+            view = memoryview(buf).cast("B")
+            qiov = QEMUIOVector()
+            qemu_iovec_init_buf(qiov, view)
+            entry = (buf, view, qiov)
+        if size == cls:
+            return entry, entry[1], entry[2]
+        return entry, entry[1][:size], None
 
-    def put(self, buf: Any, view: memoryview) -> None:
-        try:
-            view.release()
-        except BufferError:
-            pass
-        size = len(buf)
-        if size > _POOL_MAX_SIZE or size & (size - 1):
-            return
-        lst = self.free.setdefault(size, [])
+    def put(self, entry: tuple, view: memoryview) -> None:
+        buf, full, qiov = entry
+        if qiov is None or view is not full:
+            # A slice made for one request (or an unpooled buffer's view).
+            try:
+                view.release()
+            except BufferError:
+                pass
+            if qiov is None:
+                return
+        lst = self.free.setdefault(len(buf), [])
         if len(lst) < _POOL_PER_CLASS:
-            lst.append(buf)
+            lst.append(entry)
 
 
 # --------------------------------------------------------------------------
@@ -250,12 +295,13 @@ class _BufferPool:
 class _Req:
     """QEMU's ``NBDRequestData``: a request and its payload buffer."""
 
-    __slots__ = ("request", "buf", "data", "complete")
+    __slots__ = ("request", "buf", "data", "qiov", "complete")
 
     def __init__(self) -> None:
         self.request: Optional[NBDRequest] = None
-        self.buf: Any = None
+        self.buf: Any = None  # the buffer pool's entry
         self.data: Optional[memoryview] = None
+        self.qiov: Optional[QEMUIOVector] = None  # over data, if the pool had one
         self.complete = False
 
 
@@ -298,6 +344,13 @@ class NBDClient:
         self._reg_read = False
         self._reg_write = False
         self._handshake_timer: Any = None
+        # Corked replies (pieces, their byte count, and the request buffers
+        # to recycle once sent) and the BH that sends them if no later reply
+        # does; home thread only, changed only while send_lock is free.
+        self._cork: list = []
+        self._cork_bytes = 0
+        self._cork_release: list = []
+        self._flush_bh = aio_bh_new(self.ctx, self._flush_cb, None)
 
     def __repr__(self) -> str:
         return f"<NBDClient {self.peer} requests={self.nb_requests}{' closing' if self.closing else ''}>"
@@ -312,6 +365,9 @@ class NBDClient:
             self._finalize()
 
     def _finalize(self) -> None:
+        qemu_bh_delete(self._flush_bh)
+        self._cork.clear()
+        self._release_corked()
         if self._handshake_timer is not None:
             timer_del(self._handshake_timer)
             timer_free(self._handshake_timer)
@@ -468,12 +524,11 @@ class NBDClient:
     def _co_write(self, bufs: list) -> None:
         """Write every byte of ``bufs`` (``qio_channel_writev_all``)."""
         sock = self.sock
-        # Empty pieces (an option reply without payload) would make sendmsg
-        # return 0 forever once everything else is out.
-        bufs = [b for b in bufs if len(b)]
-        while bufs:
+        i = 0
+        end = len(bufs)
+        while i < end:
             try:
-                n = sock.sendmsg(bufs)
+                n = sock.sendmsg(bufs[i:] if i else bufs)
             except BlockingIOError:
                 self._wait_writable()
                 continue
@@ -481,17 +536,18 @@ class NBDClient:
                 continue
             except OSError as e:
                 raise NBDDisconnect(f"write failed: {e.strerror or e}") from None
-            # Drop what was sent.
-            while n:
-                first = bufs[0]
-                ln = first.nbytes if isinstance(first, memoryview) else len(first)
+            # Skip what was sent (and empty pieces, which sendmsg never
+            # reports: an option reply without payload).
+            while i < end:
+                first = bufs[i]
+                ln = first.nbytes if first.__class__ is memoryview else len(first)
                 if n >= ln:
                     n -= ln
-                    bufs.pop(0)
+                    i += 1
                 else:
-                    bufs[0] = memoryview(first)[n:]
-                    n = 0
-            if bufs and self.closing:
+                    bufs[i] = memoryview(first)[n:]
+                    break
+            if i < end and self.closing:
                 raise NBDDisconnect("connection closed")
 
     # -- handshake (nbd_negotiate*) -----------------------------------------
@@ -755,7 +811,12 @@ class NBDClient:
         (``req.complete`` says whether the stream is still in sync).  Raises
         NBDDisconnect when the stream cannot be resynchronised.
         """
-        magic, flags, type, handle, from_, length = REQUEST.unpack(self._co_read(REQUEST.size))
+        p = self._rpos
+        if self._rend - p >= _REQUEST_SIZE:
+            self._rpos = p + _REQUEST_SIZE
+            magic, flags, type, handle, from_, length = _REQUEST_UNPACK_FROM(self._rbuf, p)
+        else:
+            magic, flags, type, handle, from_, length = REQUEST.unpack(self._co_read(_REQUEST_SIZE))
         if magic != NBD_REQUEST_MAGIC:
             raise NBDDisconnect(f"invalid request magic {magic:#x}")
         request = req.request = NBDRequest(handle, from_, length, flags, type)
@@ -773,7 +834,7 @@ class NBDClient:
                 req.complete = type != NBD_CMD_WRITE
                 return -errno.EINVAL
             try:
-                req.buf, req.data = self.server._pool.get(exp.bs, length)
+                req.buf, req.data, req.qiov = self.server._pool.get(exp.bs, length)
             except MemoryError:
                 req.complete = type != NBD_CMD_WRITE
                 return -errno.ENOMEM
@@ -845,7 +906,7 @@ class NBDClient:
         finally:
             if req.buf is not None:
                 self.server._pool.put(req.buf, req.data)  # type: ignore[arg-type]
-                req.buf = req.data = None
+                req.buf = req.data = req.qiov = None
             # nbd_request_put: one slot free, maybe receive again.
             self.nb_requests -= 1
             if not self.closing:
@@ -865,8 +926,10 @@ class NBDClient:
             self._co_handle_read(request, req, bs)
             return
         if type == NBD_CMD_WRITE:
-            qiov = QEMUIOVector()
-            qemu_iovec_init_buf(qiov, req.data)
+            qiov = req.qiov
+            if qiov is None:
+                qiov = QEMUIOVector()
+                qemu_iovec_init_buf(qiov, req.data)
             ret = bdrv_co_pwritev(bs, request.from_, request.len, qiov, flags)
             self._co_send_generic(request.handle, ret, "writing to file failed")
         elif type == NBD_CMD_WRITE_ZEROES:
@@ -951,34 +1014,130 @@ class NBDClient:
             # XXX as QEMU: FUA on a read means "flush first".
             ret = bdrv_co_flush(bs)
         if ret >= 0 and request.len:
-            qiov = QEMUIOVector()
-            qemu_iovec_init_buf(qiov, req.data)
+            qiov = req.qiov
+            if qiov is None:
+                qiov = QEMUIOVector()
+                qemu_iovec_init_buf(qiov, req.data)
             ret = bdrv_co_preadv(bs, request.from_, request.len, qiov, 0)
         if ret < 0:
             self._co_send_generic(request.handle, ret, "reading from file failed")
             return
         if self.structured_reply:
             if request.len:
-                self._co_send_chunk(request.handle, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA,
-                                    [_OFFSET.pack(request.from_), req.data])
+                self._co_send_locked([_OFFSET_DATA_CHUNK.pack(
+                    NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA,
+                    request.handle, 8 + request.len, request.from_), req.data], req)
             else:
                 self._co_send_chunk(request.handle, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, [])
         else:
             self._co_send_locked([SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, request.handle),
-                                  req.data])
+                                  req.data], req)
 
     # -- replies -------------------------------------------------------------
-    def _co_send_locked(self, bufs: list) -> None:
+    def _co_send_locked(self, bufs: list, req: Optional[_Req] = None) -> None:
+        """Send one whole reply, never interleaved with another.
+
+        Not in QEMU, which writes every reply at once: when the next
+        request's header is already in the read-ahead buffer, its reply (and
+        the ones after it) will follow within this event-loop iteration, so
+        this reply is corked and goes out with them in one sendmsg.  Each
+        write to the socket wakes the client, and on a virtual machine those
+        wake-ups cost more than the rest of a small request.  The last
+        request of the burst (nothing more buffered) sends everything; if
+        that request blocks instead (a write still waiting for its payload,
+        a read that went to the thread pool), ``_flush_bh`` sends it at the
+        next iteration.  ``req``'s buffer, if it carries the payload, is
+        recycled only once it is sent.
+        """
+        cork = self._cork
+        if (self._rend - self._rpos >= _REQUEST_SIZE and self.send_lock.holder is None
+                and len(cork) + len(bufs) <= _CORK_MAX_PIECES
+                and self._cork_bytes < _CORK_MAX_BYTES and not self.closing):
+            if not cork:
+                qemu_bh_schedule(self._flush_bh)
+            n = 0
+            for b in bufs:
+                n += b.nbytes if b.__class__ is memoryview else len(b)
+            cork += bufs
+            self._cork_bytes += n
+            if req is not None and req.buf is not None:
+                self._cork_release.append((req.buf, req.data))
+                req.buf = req.data = req.qiov = None
+            return
+        if not cork and self.send_lock.holder is None and not self.closing:
+            # Nobody is writing: one sendmsg usually takes the whole reply,
+            # and until this coroutine yields nobody else can write, so the
+            # lock is needed only if the socket is full.
+            try:
+                n = self.sock.sendmsg(bufs)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as e:
+                raise NBDDisconnect(f"write failed: {e.strerror or e}") from None
+            total = 0
+            for b in bufs:
+                total += b.nbytes if b.__class__ is memoryview else len(b)
+            if n == total:
+                return
+            bufs = _drop_sent(bufs, n)
         qemu_co_mutex_lock(self.send_lock)
         try:
-            self._co_write(bufs)
+            cork = self._cork
+            if cork:
+                # Whatever was corked goes first, in the same sendmsg.
+                self._cork = []
+                self._cork_bytes = 0
+                cork += bufs
+                bufs = cork
+                try:
+                    self._co_write(bufs)
+                finally:
+                    self._release_corked()
+            else:
+                self._co_write(bufs)
         finally:
             qemu_co_mutex_unlock(self.send_lock)
 
-    def _co_send_chunk(self, handle: int, flags: int, type: int, bufs: list) -> None:
+    def _release_corked(self) -> None:
+        if self._cork_release:
+            put = self.server._pool.put
+            for buf, view in self._cork_release:
+                put(buf, view)
+            self._cork_release = []
+
+    def _flush_cb(self, _: Any) -> None:
+        # Corked replies whose burst ended without a reply that sends them.
+        if self._cork and not self.closing:
+            self._ref()
+            qemu_coroutine_enter(qemu_coroutine_create(self._co_flush, None))
+
+    def _co_flush(self, _: Any) -> None:
+        try:
+            if self._cork:
+                # Nothing buffered may cork it again: send it, under the lock.
+                qemu_co_mutex_lock(self.send_lock)
+                try:
+                    bufs = self._cork
+                    self._cork = []
+                    self._cork_bytes = 0
+                    try:
+                        self._co_write(bufs)
+                    finally:
+                        self._release_corked()
+                finally:
+                    qemu_co_mutex_unlock(self.send_lock)
+        except NBDDisconnect as e:
+            if not self.closing:
+                log.info("nbd %s: %s", self.peer, e)
+            self.close()
+        finally:
+            self._unref()
+
+    def _co_send_chunk(self, handle: int, flags: int, type: int, bufs: list,
+                       req: Optional[_Req] = None) -> None:
         length = sum(len(b) if not isinstance(b, memoryview) else b.nbytes for b in bufs)
         hdr = STRUCTURED_REPLY.pack(NBD_STRUCTURED_REPLY_MAGIC, flags, type, handle, length)
-        self._co_send_locked([hdr, *bufs])
+        self._co_send_locked([hdr, *bufs], req)
 
     def _co_send_generic(self, handle: int, ret: int, msg: str) -> None:
         """Port of ``nbd_send_generic_reply``: a simple reply, or an error
