@@ -120,7 +120,7 @@ def main() -> int:
              "Command: `python benchmarks/bench_block.py --write-results`.", "",
              "| path | depth | requests/s | CPU µs/request |", "|---|---:|---:|---:|"]
     for path, depth, rps, us in rows:
-        lines.append(f"| {path} | {depth} | {rps:.0f} | {us:.2f} |")
+        lines.append(f"| {path} | {depth} | {rps:,.0f} | {us:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.write_results:

@@ -2,7 +2,7 @@
 """``pyaioctx bench`` against ``qemu-img bench`` with identical options.
 
 For each aio backend (threads, native, io_uring) and queue depth (1, 32,
-128): 4 KiB reads, ``-t none``, on a 1 GiB pre-filled raw image under
+128): 4 KiB reads and writes (``-w``; ``--ops`` picks), ``-t none``, on a 1 GiB pre-filled raw image under
 ``.scratch/`` (a real disk: O_DIRECT).  Both tools run in the same invocation,
 alternating, ``--repeat`` times per point; the table shows the median
 requests per second of each and the median of the per-pair ratios
@@ -11,7 +11,8 @@ neighbouring runs).  ``--write-results`` replaces the generated table of
 the "## pyaioctx bench vs qemu-img bench" section of benchmarks/RESULTS.md
 (between its markers), keeping the text around it.
 
-    python benchmarks/bench_cli.py [--count N] [--repeat R] [--write-results]
+    python benchmarks/bench_cli.py [--count N] [--repeat R] [--ops read,write]
+                                   [--aio threads,native,io_uring] [--write-results]
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=100000, help="requests per run")
     ap.add_argument("--repeat", type=int, default=3, help="alternating runs per point")
     ap.add_argument("--size", default="1G")
+    ap.add_argument("--ops", default="read,write", help="read, write or both")
+    ap.add_argument("--aio", default="threads,native,io_uring", help="backends to run")
     ap.add_argument("--write-results", action="store_true")
     a = ap.parse_args()
     qemu_img = shutil.which("qemu-img")
@@ -63,38 +66,45 @@ def main() -> int:
     from pyaioctx.block.file_posix import aio_engine_available
     version = subprocess.run([qemu_img, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     rows = []
-    for aio in ("threads", "native", "io_uring"):
-        ok, why = aio_engine_available(aio)
-        for depth in (1, 32, 128):
-            if not ok:
-                rows.append((aio, depth, None, None, why))  # type: ignore[arg-type]
-                continue
-            opts = ["-f", "raw", "-t", "none", "-i", aio, "-c", str(a.count), "-d", str(depth),
-                    "-s", "4k", str(img)]
-            qs, ps, ratios = [], [], []
-            for _ in range(a.repeat):
-                q = run([qemu_img, "bench", *opts])
-                p = run([sys.executable, "-m", "pyaioctx", "bench", *opts])
-                qs.append(a.count / q)
-                ps.append(a.count / p)
-                ratios.append(q / p)
-            rows.append((aio, depth, statistics.median(qs), statistics.median(ps),
-                         statistics.median(ratios)))
-            print(f"{aio:9} depth {depth:3}: qemu-img {statistics.median(qs):9.0f} req/s, "
-                  f"pyaioctx {statistics.median(ps):8.0f} req/s, ratios "
-                  + " ".join(f"{r:.2f}" for r in ratios), flush=True)
+    ops = [o for o in a.ops.split(",") if o]
+    for op in ops:
+        if op not in ("read", "write"):
+            ap.error(f"--ops: unknown operation {op!r}")
+    for op in ops:
+        for aio in a.aio.split(","):
+            ok, why = aio_engine_available(aio)
+            for depth in (1, 32, 128):
+                if not ok:
+                    rows.append((op, aio, depth, None, None, why))  # type: ignore[arg-type]
+                    continue
+                opts = ["-f", "raw", "-t", "none", "-i", aio, "-c", str(a.count), "-d", str(depth),
+                        "-s", "4k", *(["-w"] if op == "write" else []), str(img)]
+                qs, ps, ratios = [], [], []
+                for _ in range(a.repeat):
+                    q = run([qemu_img, "bench", *opts])
+                    p = run([sys.executable, "-m", "pyaioctx", "bench", *opts])
+                    qs.append(a.count / q)
+                    ps.append(a.count / p)
+                    ratios.append(q / p)
+                rows.append((op, aio, depth, statistics.median(qs), statistics.median(ps),
+                             statistics.median(ratios)))
+                print(f"{op:5} {aio:9} depth {depth:3}: qemu-img {statistics.median(qs):9.0f} req/s, "
+                      f"pyaioctx {statistics.median(ps):8.0f} req/s, ratios "
+                      + " ".join(f"{r:.2f}" for r in ratios), flush=True)
     lines = [SECTION, "",
-             f"4 KiB reads, `-t none`, 1 GiB pre-filled raw image on disk, {a.count} requests per run,",
+             f"4 KiB {' and '.join(o + 's' for o in ops)} (`-w` for writes; qemu-img bench's sequential offsets), "
+             f"`-t none`, 1 GiB pre-filled raw image on disk, {a.count} requests per run,",
              f"{a.repeat} alternating runs per point (medians; ratio = median of the per-pair ratios);",
              f"`{version}` vs `python -m pyaioctx bench` with the same options, in the same run;",
              f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs, "
              f"Linux {platform.release()}.  Requests per second; ratio = pyaioctx / qemu-img.",
-             "", "| aio | depth | qemu-img req/s | pyaioctx req/s | ratio |", "|---|---:|---:|---:|---:|"]
-    for aio, depth, q, p, ratio in rows:
+             "", "| op | aio | depth | qemu-img req/s | pyaioctx req/s | ratio |",
+             "|---|---|---:|---:|---:|---:|"]
+    for op, aio, depth, q, p, ratio in rows:
         if q is None:
-            lines.append(f"| {aio} | {depth} | unavailable: {ratio} | | |")
+            lines.append(f"| {op} | {aio} | {depth} | unavailable: {ratio} | | |")
         else:
-            lines.append(f"| {aio} | {depth} | {q:,.0f} | {p:,.0f} | {ratio:.2f} |")
+            lines.append(f"| {op} | {aio} | {depth} | {q:,.0f} | {p:,.0f} | {ratio:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.write_results:

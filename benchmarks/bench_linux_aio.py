@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import ctypes
 import json
 import mmap
@@ -488,6 +489,14 @@ def main() -> None:
           f"runtime {runtime:g} s x {repeat} rounds", flush=True)
     offs = Offsets(size)
 
+    # Peers from PyPI (benchmarks/requirements.txt): a missing one is
+    # reported and its rows left out.
+    have_libaio = importlib.util.find_spec("libaio") is not None
+    have_caio = importlib.util.find_spec("caio") is not None
+    for name, have in (("libaio", have_libaio), ("caio", have_caio)):
+        if not have:
+            print(f"# {name} is not installed (pip install -r benchmarks/requirements.txt): "
+                  "its rows are skipped", flush=True)
     cases = []  # (group, qd, name, fn)
     for qd in qds:
         cases.append(("direct", qd, "pyaioctx cb",
@@ -502,15 +511,17 @@ def main() -> None:
                       lambda qd=qd: run_pyaioctx_co(path, True, qd, runtime, offs)))
         if have_fio:
             cases.append(("direct", qd, "fio", lambda qd=qd: run_fio(path, qd, runtime)))
-        cases.append(("direct", qd, "libaio", lambda qd=qd: run_libaio(path, qd, runtime, offs)))
+        if have_libaio:
+            cases.append(("direct", qd, "libaio", lambda qd=qd: run_libaio(path, qd, runtime, offs)))
     cq = args.cache_qd
     cases.append(("cache", cq, "pyaioctx cb",
                   lambda: run_pyaioctx_cb(path, False, cq, runtime, offs)))
     cases.append(("cache", cq, "pyaioctx cb plug/poll",
                   lambda: run_pyaioctx_cb(path, False, cq, runtime, offs, plug=True)))
     cases.append(("cache", cq, "pyaioctx co", lambda: run_pyaioctx_co(path, False, cq, runtime, offs)))
-    cases.append(("cache", cq, "caio asyncio", lambda: run_caio_asyncio(path, cq, runtime, offs)))
-    cases.append(("cache", cq, "caio raw", lambda: run_caio_raw(path, cq, runtime, offs)))
+    if have_caio:
+        cases.append(("cache", cq, "caio asyncio", lambda: run_caio_asyncio(path, cq, runtime, offs)))
+        cases.append(("cache", cq, "caio raw", lambda: run_caio_raw(path, cq, runtime, offs)))
     if only:
         cases = [c for c in cases if any(c[0].startswith(o) or c[2].startswith(o) for o in only)]
 

@@ -485,12 +485,16 @@ def test_polling_completes_requests(ctx, image):
     q.aio_context_set_poll_params(ctx, 200_000, 2, 2)
     s = L.aio_setup_linux_aio(ctx)
     done = []
+    polled = 0
     for round_ in range(20):
         L.laio_submit(None, s, fd, (round_ % NBLOCKS) * 8, QEMUIOVector(_buf()), 8,
                       lambda o, r: done.append(r), None, QEMU_AIO_READ)
         _wait(ctx, lambda: len(done) == round_ + 1)
+        # One slow request (beyond poll_max_ns) shrinks the window again, so
+        # look at the whole run, not only its end.
+        polled = max(polled, ctx.poll_ns)
     assert done == [0] * 20
-    assert ctx.poll_ns > 0
+    assert polled > 0
 
 
 def test_cleanup_with_context_leaves_no_fd(image):

@@ -2167,10 +2167,23 @@ def _direct_finish(acb: _DirectAIOCB) -> None:
     _direct_done(acb, acb.ret)
 
 
-def _aio_direct(bs: BlockDriverState, submit: Callable[..., Any], offset: int, nbytes: int,
+def _aio_direct(bs: BlockDriverState, submit: Callable[..., Any], offset: int,
                 qiov: QEMUIOVector, type: int, cb: Any, opaque: Any) -> Optional[BlockAIOCB]:
-    # Submit on the direct path; None when the driver declined (then nothing
-    # happened and the caller takes the coroutine path).
+    # Submit on the direct path if the request may take it (see above:
+    # aligned, in bounds, nothing serialising, fixed length, the home
+    # thread).  None when it may not or the driver declined: then nothing
+    # happened and the caller takes the coroutine path.
+    nbytes = qiov.size
+    mt = bs.bl.max_transfer
+    if (bs.serialising_in_flight or bs.has_variable_length or nbytes <= 0 or offset < 0
+            or (offset | nbytes) & (bs.bl.request_alignment - 1)
+            or offset + nbytes > bs.total_bytes or (mt and nbytes > mt)):
+        return None
+    try:
+        if _tls_local.lt.ctx is not bs.aio_context:
+            return None
+    except AttributeError:
+        return None
     acb = _DirectAIOCB.__new__(_DirectAIOCB)
     acb.aiocb_info = _direct_aiocb_info
     acb.bs = bs
@@ -2227,21 +2240,9 @@ def bdrv_aio_preadv(bs: BlockDriverState, offset: int, qiov: QEMUIOVector, flags
         raise TypeError(f"bdrv_aio_preadv: cb must be callable, got {type(cb).__name__}")
     drv = bs.drv
     if drv is not None and drv.bdrv_aio_preadv is not None and not flags:
-        # May it take the direct path?  (_aio_direct's comment says when.)
-        nbytes = qiov.size
-        mt = bs.bl.max_transfer
-        if (not bs.serialising_in_flight and not bs.has_variable_length and nbytes > 0
-                and offset >= 0 and not (offset | nbytes) & (bs.bl.request_alignment - 1)
-                and offset + nbytes <= bs.total_bytes and (not mt or nbytes <= mt)):
-            try:
-                home = _tls_local.lt.ctx is bs.aio_context
-            except AttributeError:
-                home = False
-            if home:
-                r = _aio_direct(bs, drv.bdrv_aio_preadv, offset, nbytes, qiov,
-                                _TRACKED_READ, cb, opaque)
-                if r is not None:
-                    return r
+        r = _aio_direct(bs, drv.bdrv_aio_preadv, offset, qiov, _TRACKED_READ, cb, opaque)
+        if r is not None:
+            return r
     acb = BlkAioEmAIOCB(_blk_aio_em_aiocb_info, bs, cb, opaque)
     acb.offset = offset
     acb.qiov = qiov
@@ -2262,21 +2263,9 @@ def bdrv_aio_pwritev(bs: BlockDriverState, offset: int, qiov: QEMUIOVector, flag
         raise TypeError(f"bdrv_aio_pwritev: cb must be callable, got {type(cb).__name__}")
     drv = bs.drv
     if drv is not None and drv.bdrv_aio_pwritev is not None and not flags and not bs.read_only:
-        # The test of bdrv_aio_preadv.
-        nbytes = qiov.size
-        mt = bs.bl.max_transfer
-        if (not bs.serialising_in_flight and not bs.has_variable_length and nbytes > 0
-                and offset >= 0 and not (offset | nbytes) & (bs.bl.request_alignment - 1)
-                and offset + nbytes <= bs.total_bytes and (not mt or nbytes <= mt)):
-            try:
-                home = _tls_local.lt.ctx is bs.aio_context
-            except AttributeError:
-                home = False
-            if home:
-                r = _aio_direct(bs, drv.bdrv_aio_pwritev, offset, nbytes, qiov,
-                                _TRACKED_WRITE, cb, opaque)
-                if r is not None:
-                    return r
+        r = _aio_direct(bs, drv.bdrv_aio_pwritev, offset, qiov, _TRACKED_WRITE, cb, opaque)
+        if r is not None:
+            return r
     acb = BlkAioEmAIOCB(_blk_aio_em_aiocb_info, bs, cb, opaque)
     acb.offset = offset
     acb.qiov = qiov

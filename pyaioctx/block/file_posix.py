@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import stat
@@ -625,12 +626,10 @@ def _raw_aio_pool(bs: BlockDriverState, s: BDRVRawState, offset: int, qiov: QEMU
                                   acb, cb, opaque)
 
 
-def raw_aio_preadv(bs: BlockDriverState, offset: int, bytes: int, qiov: QEMUIOVector,
-                   flags: int, cb: Any, opaque: Any) -> Optional[BlockAIOCB]:
-    """The callback form of :func:`raw_co_preadv` (QEMU's file driver has
-    none), for the generic layer's direct path: the same engine choice,
-    without a coroutine.  Returns None for a request that needs a bounce
-    buffer, which the coroutine path then handles."""
+def _raw_aio_prw(type: int, bs: BlockDriverState, offset: int, bytes: int,
+                 qiov: QEMUIOVector, flags: int, cb: Any, opaque: Any) -> Optional[BlockAIOCB]:
+    # raw_aio_preadv / raw_aio_pwritev (bound to ``type`` with
+    # functools.partial, which costs less per call than a Python wrapper).
     s: BDRVRawState = bs.opaque
     if s.fd < 0:
         return None
@@ -643,36 +642,28 @@ def raw_aio_preadv(bs: BlockDriverState, offset: int, bytes: int, qiov: QEMUIOVe
             return None
     engine = s.engine
     if engine is None:
-        if s.try_nowait and qiov.niov <= _IOV_MAX and _read_nowait(s, offset, qiov):
+        if (type == QEMU_AIO_READ and s.try_nowait and qiov.niov <= _IOV_MAX
+                and _read_nowait(s, offset, qiov)):
             cb(opaque, 0)  # the generic layer delivers it after we return
             return _done_aiocb
-        return _raw_aio_pool(bs, s, offset, qiov, QEMU_AIO_READ, cb, opaque)
+        return _raw_aio_pool(bs, s, offset, qiov, type, cb, opaque)
     state = s.aio_state
     if state is None:
         return None
-    return engine.submit(bs, state, s.fd, offset, qiov, QEMU_AIO_READ, cb, opaque)
+    return engine.submit(bs, state, s.fd, offset, qiov, type, cb, opaque)
 
 
-def raw_aio_pwritev(bs: BlockDriverState, offset: int, bytes: int, qiov: QEMUIOVector,
-                    flags: int, cb: Any, opaque: Any) -> Optional[BlockAIOCB]:
-    """The write twin of :func:`raw_aio_preadv` (the same code: one Python
-    call less per request than a shared helper)."""
-    s: BDRVRawState = bs.opaque
-    if s.fd < 0:
-        return None
-    if s.needs_alignment:
-        if qiov.niov == 1:
-            if (qiov._addrs[0] | qiov.size) & (bs.bl.min_mem_alignment - 1):
-                return None
-        elif not bdrv_qiov_is_aligned(bs, qiov):
-            return None
-    engine = s.engine
-    if engine is None:
-        return _raw_aio_pool(bs, s, offset, qiov, QEMU_AIO_WRITE, cb, opaque)
-    state = s.aio_state
-    if state is None:
-        return None
-    return engine.submit(bs, state, s.fd, offset, qiov, QEMU_AIO_WRITE, cb, opaque)
+raw_aio_preadv = functools.partial(_raw_aio_prw, QEMU_AIO_READ)
+raw_aio_preadv.__doc__ = """raw_aio_preadv(bs, offset, bytes, qiov, flags, cb, opaque)
+
+The callback form of :func:`raw_co_preadv` (QEMU's file driver has none),
+for the generic layer's direct path: the same engine choice, without a
+coroutine.  Returns None for a request that needs a bounce buffer, which the
+coroutine path then handles."""
+raw_aio_pwritev = functools.partial(_raw_aio_prw, QEMU_AIO_WRITE)
+raw_aio_pwritev.__doc__ = """raw_aio_pwritev(bs, offset, bytes, qiov, flags, cb, opaque)
+
+The write twin of :func:`raw_aio_preadv`."""
 
 
 def raw_co_flush_to_disk(bs: BlockDriverState) -> int:

@@ -819,33 +819,22 @@ def luring_submit(bs: Any, s: LuringState, fd: int, offset: int,
     if not callable(cb):
         raise TypeError(f"luring_submit: cb must be callable, got {cb.__class__.__name__}")
     _check_submit_args(s, fd, offset, qiov, type, "luring_submit")
-    luringcb = LuringAIOCB(_info, bs, cb, opaque)
-    luringcb.state = s
-    luringcb.qiov = qiov
-    luringcb.is_read = type == QEMU_AIO_READ
-    luringcb.datasync = bool(datasync)
-    # Hold a reference across the submit: the request may complete (and
-    # drop its own reference) before we return it.
-    luringcb.refcnt += 1
-    ret = _luring_do_submit(fd, luringcb, s, offset, type)
-    luringcb.refcnt -= 1
-    if ret < 0:
-        qemu_aio_unref(luringcb)
-        return None
-    return luringcb
+    return luring_submit_direct(bs, s, fd, offset, qiov, type, cb, opaque, bool(datasync))
 
 
 def luring_submit_direct(bs: Any, s: LuringState, fd: int, offset: int, qiov: QEMUIOVector,
                          type: int, cb: Callable[[Any, int], None],
-                         opaque: Any) -> Optional[BlockAIOCB]:
+                         opaque: Any, datasync: bool = True) -> Optional[BlockAIOCB]:
     """:func:`luring_submit` without its argument checks, for callers that
     made them already (the block layer's direct path)."""
     luringcb = LuringAIOCB(_info, bs, cb, opaque)
     luringcb.state = s
     luringcb.qiov = qiov
     luringcb.is_read = type == QEMU_AIO_READ
-    luringcb.datasync = True
-    luringcb.refcnt = 2  # held across the submit, as in luring_submit
+    luringcb.datasync = datasync
+    # Hold a reference across the submit: the request may complete (and
+    # drop its own reference) before we return it.
+    luringcb.refcnt = 2
     ret = _luring_do_submit(fd, luringcb, s, offset, type)
     luringcb.refcnt -= 1
     if ret < 0:

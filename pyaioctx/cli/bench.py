@@ -42,6 +42,7 @@ from ..block import (
     BlockDriverState, bdrv_aio_flush, bdrv_aio_preadv, bdrv_aio_pwritev, bdrv_drain,
     bdrv_find_format, bdrv_getlength, bdrv_open, bdrv_unref, qemu_blockalign,
 )
+from .affinity import AffinityError, apply_affinity, parse_cpu_list, restore_affinity, uses_thread_pool
 from .cutils import qemu_strtosz, strtol0
 
 __all__ = ["main", "BenchOptions", "BenchResult", "run_bench", "parse_args", "JSON_SCHEMA"]
@@ -56,6 +57,7 @@ JSON_SCHEMA: dict[str, type] = {
     "filename": str, "driver": str, "aio": str, "cache": str, "rw": str,
     "depth": int, "bufsize": int, "requests": int, "errors": int, "seconds": float,
     "iops": float, "mib_per_s": float, "lat_us": dict, "cpu_us_per_req": float,
+    "cpus": list,
 }
 
 
@@ -95,6 +97,7 @@ class BenchOptions:
     image_opts: bool = False
     seed: int = 1
     depth_set: bool = False           # -d given (the main job defaults to 32)
+    affinity: str = "auto"            # --affinity: auto, all or a CPU list
 
 
 @dataclass
@@ -112,6 +115,7 @@ class BenchResult:
     seconds: float
     cpu_seconds: float
     latencies_ns: list[int] = field(default_factory=list, repr=False)
+    cpus: list[int] = field(default_factory=list)  # where the run's threads could run
 
     def percentile(self, p: float) -> float:
         """Latency percentile in microseconds (nearest rank)."""
@@ -145,13 +149,18 @@ _USAGE = """usage: pyaioctx bench [-c count] [-d depth] [-f fmt] [--flush-interv
                       [-s buffer_size] [-S step_size] [-t cache] [-w] [-U]
                       [--rw randread|randwrite|read|write] [--runtime SECONDS]
                       [--json] [--progress|--no-progress] [--size SIZE] [--dir DIR]
-                      [--image-opts] [FILENAME]
+                      [--image-opts] [--affinity auto|all|CPUS] [FILENAME]
 
 qemu-img bench compatible: the first and last lines are qemu-img bench's.
 Without FILENAME: create a pre-filled scratch image (--size, default 256M) in
 --dir, $PYAIOCTX_BENCH_DIR or the current directory, run the same workload
 (default: --rw randread -d 32 -t none --runtime 3) over every I/O backend
 (threads, native, io_uring) and print one comparison table.
+
+--affinity (default auto) keeps the process on one CPU while the I/O runs
+on the thread pool (-i threads), where the event loop and the workers share
+the GIL and a hand-off to another CPU costs a cross-CPU wake-up; "all"
+leaves the CPUs alone, a list (0-3, 1,3) picks them.
 """
 
 _LONG = {
@@ -164,6 +173,7 @@ _LONG = {
     "runtime": ("runtime", True), "json": ("json", False), "progress": ("progress", False),
     "no-progress": ("no-progress", False), "size": ("size", True), "dir": ("dir", True),
     "image-opts": ("image-opts", False), "seed": ("seed", True),
+    "affinity": ("affinity", True),
 }
 _SHORT = "hc:d:f:ni:o:qs:S:t:wU"
 
@@ -310,6 +320,13 @@ def parse_args(argv: list[str]) -> Optional[BenchOptions]:
             o.image_opts = True
         elif key == "seed":
             o.seed = _uint_arg(s, "Invalid seed specified")
+        elif key == "affinity":
+            if s not in ("auto", "all"):
+                try:
+                    parse_cpu_list(s)
+                except AffinityError as e:
+                    raise BenchError(f"Invalid --affinity: {e}") from None
+            o.affinity = s
     if o.rw is not None:
         o.write = o.rw in ("write", "randwrite")
     if len(operands) > 1:
@@ -534,7 +551,12 @@ def run_bench(o: BenchOptions, bs: Optional[BlockDriverState] = None,
     own = bs is None
     if bs is None:
         bs = open_image(o)
+    saved: Optional[set[int]] = None
     try:
+        try:
+            saved = apply_affinity(o.affinity, uses_thread_pool(bs))
+        except AffinityError as e:
+            raise BenchError(str(e)) from None
         image_size = bdrv_getlength(bs)
         if image_size < 0:
             raise BenchError(f"Could not get the image size: {os.strerror(-image_size)}")
@@ -561,12 +583,14 @@ def run_bench(o: BenchOptions, bs: Optional[BlockDriverState] = None,
             sys.stdout.write("Run completed in %3.3f seconds.\n" % secs)
         b.latencies.sort()
         drv = bs.drv.format_name if bs.drv is not None else "?"
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         res = BenchResult(o.filename or "", drv, o.aio, o.cache, _rw_name(o), o.depth,
-                          o.bufsize, b.completed, 0, secs, cpu, b.latencies)
+                          o.bufsize, b.completed, 0, secs, cpu, b.latencies, cpus)
         if text:
             _print_extras(res)
         return res
     finally:
+        restore_affinity(saved)
         if own:
             bdrv_unref(bs)
 

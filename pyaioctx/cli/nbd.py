@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("-n", "--nocache", action="store_true", help="same as --cache=none")
     e.add_argument("--discard", default=None, choices=("ignore", "off", "unmap", "on"),
                    help="discard requests: ignore (default) or unmap")
+    p.add_argument("--affinity", default="auto", metavar="auto|all|CPUS",
+                   help="CPUs to run on: auto (default) keeps the process on one CPU when "
+                        "the device's I/O uses the thread pool (aio=threads), all leaves "
+                        "them alone, or a list such as 0 or 0-3")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="log connections (-vv: every refused request)")
     p.add_argument("-V", "--version", action="version", version=_version())
@@ -150,6 +154,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _error(f"Invalid shared device number '{args.shared}'")
     if args.port is not None and not 0 <= args.port <= 65535:
         return _error(f"Invalid port '{args.port}'")
+    from .affinity import AffinityError, apply_affinity, parse_cpu_list, uses_thread_pool
+    if args.affinity not in ("auto", "all"):
+        try:
+            parse_cpu_list(args.affinity)
+        except AffinityError as e:
+            return _error(f"Invalid --affinity: {e}")
     level = logging.WARNING if args.verbose == 0 else (
         logging.INFO if args.verbose == 1 else logging.DEBUG)
     logging.basicConfig(level=level, format=f"{PROGNAME}: %(message)s")
@@ -163,6 +173,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         bs, writethrough = _open(args)
     except (OSError, ValueError, TypeError) as e:
         return _error(f"Failed to blk_new_open '{args.filename}': {e}")
+    try:
+        # Before any worker thread exists: they inherit it (see affinity.py).
+        apply_affinity(args.affinity, uses_thread_pool(bs))
+    except AffinityError as e:
+        bdrv_unref(bs)
+        return _error(str(e))
     server: Optional[NBDServer] = None
     stop = []
 
