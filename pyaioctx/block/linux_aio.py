@@ -415,15 +415,19 @@ def _walk_ring(s: LinuxAioState) -> bool:
         if budget is not None and budget <= 0:
             return True
         base = head * 4
-        while s.event_idx < s.event_max:
-            b = base + 4 * s.event_idx
+        idx = s.event_idx
+        while idx < s.event_max:
+            b = base + 4 * idx
             laiocb = by_addr.pop(u64[b + 1])
             ret = s64[b + 2]
             free.append(laiocb.iocb)
             laiocb.iocb = None
-            # Change counters one-by-one because we can be nested.
+            # Change counters one-by-one because we can be nested: a
+            # callback's nested aio_poll continues this batch from
+            # s.event_idx, so it is current before every callback and
+            # re-read after it.
             io_q.in_flight -= 1
-            s.event_idx += 1
+            s.event_idx = idx = idx + 1
             if ret == laiocb.nbytes and laiocb.co is None:
                 # _process_completion's common case, inlined: a full
                 # transfer on the callback path.
@@ -438,6 +442,7 @@ def _walk_ring(s: LinuxAioState) -> bool:
             else:
                 laiocb.ret = ret
                 _process_completion(laiocb)
+            idx = s.event_idx
 
 
 def _process_completions_syscall(s: LinuxAioState) -> None:

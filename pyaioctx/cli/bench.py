@@ -48,6 +48,7 @@ from .cutils import qemu_strtosz, strtol0
 __all__ = ["main", "BenchOptions", "BenchResult", "run_bench", "parse_args", "JSON_SCHEMA"]
 
 PROGNAME = "qemu-img"
+_perf_counter_ns = time.perf_counter_ns
 _INT_MAX = (1 << 31) - 1
 _TMPFS_MAGIC = 0x01021994
 
@@ -469,21 +470,9 @@ class _Bench:
         # The completion callback of every request: bound once, not per request.
         self._done = self.cb
 
-    def _next_offset(self) -> int:
-        if self.rand:
-            return self.rng.randrange(self.slots) * self.step
-        offset = self.offset
-        self.offset += self.step
-        # Wrap at the end of the image (QEMU 7.2: offset %= image_size).
-        if self.image_size == 0:
-            self.offset = 0
-        else:
-            self.offset %= self.image_size
-        return offset
-
     def cb(self, submitted: int, ret: int) -> None:
         if submitted:
-            self.latencies.append(time.perf_counter_ns() - submitted)
+            self.latencies.append(_perf_counter_ns() - submitted)
         if ret < 0:
             # qemu-img exits at once; stop issuing and report after the drain.
             if not self.error:
@@ -509,15 +498,19 @@ class _Bench:
                         bdrv_aio_flush(self.bs, self._undrained_flush_cb, None)
                 if self.drain_on_flush:
                     return
+        submit = bdrv_aio_pwritev if self.write else bdrv_aio_preadv
         while self.n > self.in_flight and self.in_flight < self.nrreq:
-            offset = self._next_offset()
+            if self.rand:
+                offset = self.rng.randrange(self.slots) * self.step
+            else:
+                # qemu-img's next offset; wraps at the end of the image
+                # (QEMU 7.2: offset %= image_size).
+                offset = self.offset
+                nxt = offset + self.step
+                self.offset = nxt % self.image_size if self.image_size else 0
             # Counted before the call: the completion may come back at once.
             self.in_flight += 1
-            t = time.perf_counter_ns()
-            if self.write:
-                bdrv_aio_pwritev(self.bs, offset, self.qiov, 0, self._done, t)
-            else:
-                bdrv_aio_preadv(self.bs, offset, self.qiov, 0, self._done, t)
+            submit(self.bs, offset, self.qiov, 0, self._done, _perf_counter_ns())
 
     def _undrained_flush_cb(self, _: Any, ret: int) -> None:
         if ret < 0 and not self.error:
