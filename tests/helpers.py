@@ -128,3 +128,40 @@ class IOThread:
         aio_context_unref(self.ctx)
         if self.error is not None:
             raise self.error
+
+
+def timer_runs_during_endless_chain(ctx: AioContext, submit, total: int = 20000,
+                                    depth: int = 8) -> tuple[int, int]:
+    """Keep ``depth`` requests in flight through ``submit(cb)`` (an engine
+    whose requests complete as fast as their callbacks resubmit them) until
+    ``total`` completed, with a 1 ms timer armed meanwhile.
+
+    Returns (completions when the timer ran, total); the first is -1 if the
+    timer never ran.  An engine whose completion walk never yields to the
+    event loop runs the whole chain before the timer.
+    """
+    from pyaioctx import (QEMU_CLOCK_REALTIME, SCALE_NS, aio_timer_new, qemu_clock_get_ns,
+                          timer_free, timer_mod_ns)
+
+    state = {"done": 0, "at_timer": -1}
+
+    def cb(_opaque, ret: int) -> None:
+        assert ret == 0
+        state["done"] += 1
+        if state["done"] + depth <= total:
+            submit(cb)
+
+    def on_timer(_opaque) -> None:
+        state["at_timer"] = state["done"]
+
+    t = aio_timer_new(ctx, QEMU_CLOCK_REALTIME, SCALE_NS, on_timer, None)
+    for _ in range(depth):
+        submit(cb)
+    timer_mod_ns(t, qemu_clock_get_ns(QEMU_CLOCK_REALTIME) + 1_000_000)
+    for _ in range(10 ** 6):
+        if state["done"] == total:
+            break
+        aio_poll(ctx, True)
+    timer_free(t)
+    assert state["done"] == total, "the chain did not finish"
+    return state["at_timer"], total

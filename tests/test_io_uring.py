@@ -23,6 +23,8 @@ from pyaioctx.block import io_uring as U
 from pyaioctx.block.raw_aio import QEMU_AIO_FLUSH, QEMU_AIO_READ, QEMU_AIO_WRITE
 from pyaioctx.iov import QEMUIOVector, qemu_memalign
 
+from helpers import timer_runs_during_endless_chain
+
 _ok, _why = U.luring_probe()
 pytestmark = pytest.mark.skipif(not _ok, reason=f"io_uring unavailable: {_why}")
 
@@ -533,28 +535,12 @@ def test_walk_yields_to_event_loop_on_endless_completions(ctx, disk_dir):
     try:
         os.pread(fd, len(data), 0)  # warm the page cache
         s = U.aio_setup_linux_io_uring(ctx)
-        total = 20000
-        state = {"done": 0, "at_timer": None}
         buf = bytearray(BS)
         qiov = QEMUIOVector(buf)
-
-        def cb(_, ret):
-            assert ret == 0
-            state["done"] += 1
-            if state["done"] + 8 <= total:
-                U.luring_submit(None, s, fd, 0, qiov, QEMU_AIO_READ, cb, None)
-
-        def on_timer(_):
-            state["at_timer"] = state["done"]
-
-        t = q.aio_timer_new(ctx, q.QEMU_CLOCK_REALTIME, q.SCALE_NS, on_timer, None)
-        for _ in range(8):
-            U.luring_submit(None, s, fd, 0, qiov, QEMU_AIO_READ, cb, None)
-        q.timer_mod_ns(t, q.qemu_clock_get_ns(q.QEMU_CLOCK_REALTIME) + 1_000_000)
-        _wait(ctx, lambda: state["done"] == total, limit=10 ** 6)
-        q.timer_free(t)
-        assert state["at_timer"] is not None, "the timer never ran"
-        assert state["at_timer"] < total, "the completion walk ran the whole chain in one go"
+        at_timer, total = timer_runs_during_endless_chain(
+            ctx, lambda cb: U.luring_submit(None, s, fd, 0, qiov, QEMU_AIO_READ, cb, None))
+        assert at_timer >= 0, "the timer never ran"
+        assert at_timer < total, "the completion walk ran the whole chain in one go"
     finally:
         os.close(fd)
 

@@ -20,6 +20,8 @@ from pyaioctx.block import linux_aio as L
 from pyaioctx.block.raw_aio import QEMU_AIO_FLUSH, QEMU_AIO_READ, QEMU_AIO_WRITE
 from pyaioctx.iov import QEMUIOVector, qemu_memalign
 
+from helpers import timer_runs_during_endless_chain
+
 _ok, _why = L.laio_probe()
 pytestmark = pytest.mark.skipif(not _ok, reason=f"Linux AIO unavailable: {_why}")
 
@@ -586,27 +588,11 @@ def test_walk_yields_to_event_loop_on_endless_completions(ctx, disk_dir):
         s = L.aio_setup_linux_aio(ctx)
         if not s.use_ring:
             pytest.skip("no user-space completion ring on this CPU")
-        total = 20000
-        state = {"done": 0, "at_timer": None}
         buf = _buf()
         qiov = QEMUIOVector(buf)
-
-        def cb(_o, ret):
-            assert ret == 0
-            state["done"] += 1
-            if state["done"] + 8 <= total:
-                L.laio_submit(None, s, fd, 0, qiov, 8, cb, None, QEMU_AIO_READ)
-
-        def on_timer(_o):
-            state["at_timer"] = state["done"]
-
-        t = q.aio_timer_new(ctx, q.QEMU_CLOCK_REALTIME, q.SCALE_NS, on_timer, None)
-        for _ in range(8):
-            L.laio_submit(None, s, fd, 0, qiov, 8, cb, None, QEMU_AIO_READ)
-        q.timer_mod_ns(t, q.qemu_clock_get_ns(q.QEMU_CLOCK_REALTIME) + 1_000_000)
-        _wait(ctx, lambda: state["done"] == total, limit=10 ** 6)
-        q.timer_free(t)
-        assert state["at_timer"] is not None, "the timer never ran"
-        assert state["at_timer"] < total, "the completion walk ran the whole chain in one go"
+        at_timer, total = timer_runs_during_endless_chain(
+            ctx, lambda cb: L.laio_submit(None, s, fd, 0, qiov, 8, cb, None, QEMU_AIO_READ))
+        assert at_timer >= 0, "the timer never ran"
+        assert at_timer < total, "the completion walk ran the whole chain in one go"
     finally:
         os.close(fd)
