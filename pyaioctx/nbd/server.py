@@ -37,14 +37,14 @@ import struct
 from typing import Any, Callable, Iterable, Optional, Union
 
 from ..aio import (
-    aio_bh_new,
-    qemu_bh_delete,
-    qemu_bh_schedule,
     AioContext,
+    aio_bh_new,
     aio_notify,
     aio_set_fd_handler,
     aio_timer_new,
     aio_wait_while,
+    qemu_bh_delete,
+    qemu_bh_schedule,
     qemu_get_current_aio_context,
 )
 from ..timer import QEMU_CLOCK_REALTIME, SCALE_MS, qemu_clock_get_ms, timer_del, timer_free, timer_mod
