@@ -160,3 +160,20 @@ def test_bad_affinity_is_refused_by_the_tools(disk_dir: Path) -> None:
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 1, (tool, r.stderr)
         assert "invalid CPU list '1-x'" in r.stderr, r.stderr
+
+
+@need_two
+def test_main_job_says_where_threads_ran(disk_dir: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PYAIOCTX_BENCH_DIR", str(disk_dir))
+
+    def run(*extra: str) -> str:
+        import contextlib
+        import io
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert cli_main(["bench", "--size", "4M", "--runtime", "0.2", *extra]) == 0
+        return out.getvalue()
+
+    text = in_thread(run)
+    assert "note: threads ran on CPU" in text and "--affinity auto" in text, text
+    assert "ran on CPU" not in in_thread(lambda: run("--affinity", "all"))

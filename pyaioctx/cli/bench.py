@@ -705,6 +705,12 @@ def main_job(o: BenchOptions) -> int:
         sys.stdout.write(json.dumps(out, indent=2) + "\n")
     else:
         _print_table(results)
+        allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+        for aio, r, _ in results:
+            if r is not None and r.cpus and len(r.cpus) < len(allowed):
+                sys.stdout.write(f"note: {aio} ran on CPU {','.join(map(str, r.cpus))} only "
+                                 f"(--affinity {o.affinity}: its event loop and workers share "
+                                 f"the GIL; --affinity all to use every CPU)\n")
     return 0 if any(r is not None for _, r, _ in results) else 1
 
 
