@@ -2125,9 +2125,15 @@ def _direct_done(acb: _DirectAIOCB, ret: int) -> None:
     del bs.tracked_requests[acb]
     stats = bs.acct
     now = _monotonic_ns()
-    t = _ACCT_WRITE if acb.type == _TRACKED_WRITE else _ACCT_READ
-    if t == _ACCT_WRITE:
+    if acb.type == _TRACKED_WRITE:
+        t = _ACCT_WRITE
         bs.write_gen += 1
+        if ret >= 0:
+            end = acb.offset + acb.bytes
+            if end > stats.wr_highest_offset:
+                stats.wr_highest_offset = end
+    else:
+        t = _ACCT_READ
     if ret < 0:
         stats.failed_ops[t] += 1
         if stats.account_failed:
@@ -2138,10 +2144,6 @@ def _direct_done(acb: _DirectAIOCB, ret: int) -> None:
         stats.nr_ops[t] += 1
         stats.total_time_ns[t] += now - acb.start
         stats.last_access_time_ns = now
-        if t == _ACCT_WRITE:
-            end = acb.offset + acb.bytes
-            if end > stats.wr_highest_offset:
-                stats.wr_highest_offset = end
     if acb.wait_queue is not None:
         # _tracked_request_end_slow outside a coroutine: serialising
         # requests that waited for this one go on now.
@@ -2193,7 +2195,7 @@ def _aio_direct(bs: BlockDriverState, submit: Callable[..., Any], offset: int,
     acb.offset = offset
     acb.bytes = nbytes
     acb.type = type
-    acb.wait_queue = acb.inner = None
+    acb.wait_queue = None  # acb.inner is set once the submit returned
     acb.has_returned = False
     acb.ret = _NOT_DONE
     bs.tracked_requests[acb] = None  # type: ignore[index]
