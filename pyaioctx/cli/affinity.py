@@ -29,8 +29,8 @@ import ctypes.util
 import os
 from typing import Any, Optional
 
-__all__ = ["AffinityError", "parse_cpu_list", "current_cpu", "uses_thread_pool",
-           "apply_affinity", "restore_affinity"]
+__all__ = ["AffinityError", "parse_cpu_list", "check_affinity_spec", "current_cpu",
+           "uses_thread_pool", "apply_affinity", "restore_affinity"]
 
 
 class AffinityError(ValueError):
@@ -50,6 +50,14 @@ def parse_cpu_list(spec: str) -> set[int]:
             raise AffinityError(f"invalid CPU range '{part}' in '{spec}'")
         cpus.update(range(a, b + 1))
     return cpus
+
+
+def check_affinity_spec(spec: str) -> None:
+    """Raise :class:`AffinityError` unless ``spec`` is ``auto``, ``all`` or a
+    CPU list (the option's syntax; whether the CPUs exist is checked when it
+    is applied)."""
+    if spec not in ("auto", "all"):
+        parse_cpu_list(spec)
 
 
 _sched_getcpu: Any = None

@@ -42,7 +42,8 @@ from ..block import (
     BlockDriverState, bdrv_aio_flush, bdrv_aio_preadv, bdrv_aio_pwritev, bdrv_drain,
     bdrv_find_format, bdrv_getlength, bdrv_open, bdrv_unref, qemu_blockalign,
 )
-from .affinity import AffinityError, apply_affinity, parse_cpu_list, restore_affinity, uses_thread_pool
+from .affinity import (AffinityError, apply_affinity, check_affinity_spec, restore_affinity,
+                       uses_thread_pool)
 from .cutils import qemu_strtosz, strtol0
 
 __all__ = ["main", "BenchOptions", "BenchResult", "run_bench", "parse_args", "JSON_SCHEMA"]
@@ -322,11 +323,10 @@ def parse_args(argv: list[str]) -> Optional[BenchOptions]:
         elif key == "seed":
             o.seed = _uint_arg(s, "Invalid seed specified")
         elif key == "affinity":
-            if s not in ("auto", "all"):
-                try:
-                    parse_cpu_list(s)
-                except AffinityError as e:
-                    raise BenchError(f"Invalid --affinity: {e}") from None
+            try:
+                check_affinity_spec(s)
+            except AffinityError as e:
+                raise BenchError(f"Invalid --affinity: {e}") from None
             o.affinity = s
     if o.rw is not None:
         o.write = o.rw in ("write", "randwrite")
@@ -467,8 +467,9 @@ class _Bench:
         qemu_iovec_init_buf(self.qiov, mv[:o.bufsize])
         self.slots = max(1, (image_size - o.bufsize) // self.step + 1) \
             if image_size >= o.bufsize and self.step else 1
-        # The completion callback of every request: bound once, not per request.
+        # Bound once, not per request: the completion callback and the submit.
         self._done = self.cb
+        self._submit = bdrv_aio_pwritev if self.write else bdrv_aio_preadv
 
     def cb(self, submitted: int, ret: int) -> None:
         if submitted:
@@ -498,7 +499,7 @@ class _Bench:
                         bdrv_aio_flush(self.bs, self._undrained_flush_cb, None)
                 if self.drain_on_flush:
                     return
-        submit = bdrv_aio_pwritev if self.write else bdrv_aio_preadv
+        submit = self._submit
         while self.n > self.in_flight and self.in_flight < self.nrreq:
             if self.rand:
                 offset = self.rng.randrange(self.slots) * self.step

@@ -154,12 +154,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _error(f"Invalid shared device number '{args.shared}'")
     if args.port is not None and not 0 <= args.port <= 65535:
         return _error(f"Invalid port '{args.port}'")
-    from .affinity import AffinityError, apply_affinity, parse_cpu_list, uses_thread_pool
-    if args.affinity not in ("auto", "all"):
-        try:
-            parse_cpu_list(args.affinity)
-        except AffinityError as e:
-            return _error(f"Invalid --affinity: {e}")
+    from .affinity import AffinityError, apply_affinity, check_affinity_spec, uses_thread_pool
+    try:
+        check_affinity_spec(args.affinity)
+    except AffinityError as e:
+        return _error(f"Invalid --affinity: {e}")
     level = logging.WARNING if args.verbose == 0 else (
         logging.INFO if args.verbose == 1 else logging.DEBUG)
     logging.basicConfig(level=level, format=f"{PROGNAME}: %(message)s")

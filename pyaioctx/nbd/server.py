@@ -218,7 +218,9 @@ class NBDExport:
 
 
 def _drop_sent(bufs: list, n: int) -> list:
-    """The pieces of ``bufs`` left after its first ``n`` bytes went out."""
+    """The pieces of ``bufs`` left after its first ``n`` bytes went out
+    (empty pieces, which sendmsg never reports, are dropped too: an option
+    reply without payload)."""
     out = []
     for b in bufs:
         ln = b.nbytes if b.__class__ is memoryview else len(b)
@@ -524,11 +526,9 @@ class NBDClient:
     def _co_write(self, bufs: list) -> None:
         """Write every byte of ``bufs`` (``qio_channel_writev_all``)."""
         sock = self.sock
-        i = 0
-        end = len(bufs)
-        while i < end:
+        while bufs:
             try:
-                n = sock.sendmsg(bufs[i:] if i else bufs)
+                n = sock.sendmsg(bufs)
             except BlockingIOError:
                 self._wait_writable()
                 continue
@@ -536,18 +536,8 @@ class NBDClient:
                 continue
             except OSError as e:
                 raise NBDDisconnect(f"write failed: {e.strerror or e}") from None
-            # Skip what was sent (and empty pieces, which sendmsg never
-            # reports: an option reply without payload).
-            while i < end:
-                first = bufs[i]
-                ln = first.nbytes if first.__class__ is memoryview else len(first)
-                if n >= ln:
-                    n -= ln
-                    i += 1
-                else:
-                    bufs[i] = memoryview(first)[n:]
-                    break
-            if i < end and self.closing:
+            bufs = _drop_sent(bufs, n)
+            if bufs and self.closing:
                 raise NBDDisconnect("connection closed")
 
     # -- handshake (nbd_negotiate*) -----------------------------------------
@@ -1082,21 +1072,24 @@ class NBDClient:
             bufs = _drop_sent(bufs, n)
         qemu_co_mutex_lock(self.send_lock)
         try:
-            cork = self._cork
-            if cork:
-                # Whatever was corked goes first, in the same sendmsg.
-                self._cork = []
-                self._cork_bytes = 0
-                cork += bufs
-                bufs = cork
-                try:
-                    self._co_write(bufs)
-                finally:
-                    self._release_corked()
-            else:
-                self._co_write(bufs)
+            self._co_write_after_cork(bufs)
         finally:
             qemu_co_mutex_unlock(self.send_lock)
+
+    def _co_write_after_cork(self, bufs: list) -> None:
+        # With send_lock held: whatever was corked goes first, in the same
+        # sendmsg, and its buffers are recycled once it is out.
+        cork = self._cork
+        if not cork:
+            self._co_write(bufs)
+            return
+        self._cork = []
+        self._cork_bytes = 0
+        cork += bufs
+        try:
+            self._co_write(cork)
+        finally:
+            self._release_corked()
 
     def _release_corked(self) -> None:
         if self._cork_release:
@@ -1114,16 +1107,9 @@ class NBDClient:
     def _co_flush(self, _: Any) -> None:
         try:
             if self._cork:
-                # Nothing buffered may cork it again: send it, under the lock.
                 qemu_co_mutex_lock(self.send_lock)
                 try:
-                    bufs = self._cork
-                    self._cork = []
-                    self._cork_bytes = 0
-                    try:
-                        self._co_write(bufs)
-                    finally:
-                        self._release_corked()
+                    self._co_write_after_cork([])
                 finally:
                     qemu_co_mutex_unlock(self.send_lock)
         except NBDDisconnect as e:
