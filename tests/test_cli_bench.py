@@ -102,6 +102,34 @@ def test_first_lines_equal_live_qemu_img(disk_dir: Path, capsys) -> None:
     assert cap.err == live.stderr and cap.out == live.stdout
 
 
+@pytest.mark.parametrize("depth", [1, 4, 8])
+def test_writes_land_where_qemu_img_sends_them(disk_dir: Path, capsys, depth: int) -> None:
+    """Every request of a write run goes to qemu-img bench's next offset
+    (start, then + step, wrapping at the end of the image), exactly count of
+    them, whatever the depth."""
+    size = 64 << 10
+    img = disk_dir / "w.img"
+    img.write_bytes(bytes(size))
+    count, bufsize, step, start = 21, 1024, 4096, 512
+    assert cli_main(["bench", "--json", "-w", "--pattern=0x77", "-c", str(count), "-d", str(depth),
+                     "-s", str(bufsize), "-S", str(step), "-o", str(start), str(img)]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["requests"] == count and d["errors"] == 0
+    expect = bytearray(size)
+    for i in range(count):
+        off = (start + i * step) % size
+        expect[off:off + bufsize] = b"\x77" * bufsize
+    assert img.read_bytes() == expect
+    if QEMU_IMG is not None:
+        # The same run by qemu-img bench writes the same bytes.
+        theirs = disk_dir / "q.img"
+        theirs.write_bytes(bytes(size))
+        subprocess.run([QEMU_IMG, "bench", "-f", "raw", "-w", "--pattern=0x77", "-c", str(count),
+                        "-d", str(depth), "-s", str(bufsize), "-S", str(step), "-o", str(start),
+                        str(theirs)], check=True, capture_output=True, timeout=60)
+        assert theirs.read_bytes() == expect
+
+
 def test_json_schema_and_data_written(disk_dir: Path, capsys) -> None:
     img = _img(disk_dir)
     assert cli_main(["bench", "--json", "--rw", "randwrite", "--pattern=0x33", "-c", "200", "-d", "8",

@@ -243,6 +243,101 @@ def test_nested_completion(ctx, image):
     assert q.aio_poll(ctx, False) is False
 
 
+def _submit_batch(s, fd, n, cb):
+    # n reads in one io_submit, then wait until the kernel finished them
+    # all, so the next walk finds every completion in one batch.
+    L.laio_io_plug(None, s)
+    for i in range(n):
+        L.laio_submit(None, s, fd, i * 8, QEMUIOVector(_buf()), 8, cb, i, QEMU_AIO_READ)
+    L.laio_io_unplug(None, s)
+    hdr = s.ring._hdr
+    for _ in range(1_000_000):
+        if (hdr[3] - hdr[2]) % s.ring.nr == n:
+            return
+    raise AssertionError("the kernel did not complete the batch")
+
+
+def test_nested_walk_continues_the_outer_batch(ctx, image):
+    """A nested walk takes over the rest of the batch the outer walk took
+    from the ring: the requests the outer walk already looked up are
+    completed by the nested one, each exactly once, and the outer walk then
+    finds the batch finished."""
+    fd, _, _ = image
+    s = L.aio_setup_linux_aio(ctx)
+    if not s.use_ring:
+        pytest.skip("this kernel's AIO ring is not readable from user space")
+    n = 16
+    counts = [0] * n
+    seen = []
+
+    def cb(i, ret):
+        assert ret == 0
+        counts[i] += 1
+        if i == 0:
+            # Looked up by the outer walk, not yet completed.
+            seen.append(len(s._walk_batch) - s.event_idx)
+            while sum(counts) < n:
+                q.aio_poll(ctx, True)
+
+    _submit_batch(s, fd, n, cb)
+    _wait(ctx, lambda: sum(counts) == n)
+    assert seen == [n - 1]
+    assert counts == [1] * n
+    assert s._walk_batch == [] and not s._by_addr
+    assert s.io_q.in_flight == 0 and s.event_idx == 0 and s.event_max == 0
+    assert q.aio_poll(ctx, False) is False
+
+
+def test_callback_exception_mid_batch_loses_nothing(ctx, image):
+    """A callback that raises ends the walk with the exception; the rest of
+    the batch completes on the next aio_poll, each request exactly once."""
+    fd, _, _ = image
+    s = L.aio_setup_linux_aio(ctx)
+    n = 12
+    counts = [0] * n
+
+    def cb(i, ret):
+        counts[i] += 1
+        if i == 3:
+            raise RuntimeError("callback failed")
+
+    if not s.use_ring:
+        pytest.skip("this kernel's AIO ring is not readable from user space")
+    _submit_batch(s, fd, n, cb)
+    with pytest.raises(RuntimeError, match="callback failed"):
+        _wait(ctx, lambda: sum(counts) == n)
+    _wait(ctx, lambda: sum(counts) == n)
+    assert counts == [1] * n
+    assert s.io_q.in_flight == 0 and not s._by_addr and not s._walk_batch
+
+
+def test_cleanup_after_a_walk_ended_by_an_exception(image):
+    """Requests a failed walk had looked up but not completed are completed
+    by laio_cleanup's drain, exactly once; those it completed are not."""
+    fd, _, _ = image
+    c = q.aio_context_new()
+    s = L.aio_setup_linux_aio(c)
+    if not s.use_ring:
+        q.aio_context_unref(c)
+        pytest.skip("this kernel's AIO ring is not readable from user space")
+    n = 8
+    counts = [0] * n
+
+    def cb(i, ret):
+        counts[i] += 1
+        if i == 1:
+            raise RuntimeError("callback failed")
+
+    _submit_batch(s, fd, n, cb)
+    with pytest.raises(RuntimeError):
+        q.aio_poll(c, True)
+    assert counts[:2] == [1, 1] and sum(counts) == 2
+    assert len(s._walk_batch) == n
+    q.aio_context_unref(c)  # detaches and cleans up the state: the drain
+    assert s.closed
+    assert counts == [1] * n
+
+
 def test_nested_completion_syscall_fallback(ctx, image):
     """The same nesting guarantee on the io_getevents fallback path."""
     fd, _, _ = image
