@@ -2,7 +2,7 @@
 """``pyaioctx bench`` against ``qemu-img bench`` with identical options.
 
 For each aio backend (threads, native, io_uring) and queue depth (1, 32,
-128): 4 KiB reads and writes (``-w``; ``--ops`` picks), ``-t none``, on a 1 GiB pre-filled raw image under
+128; ``--depths`` picks): 4 KiB reads and writes (``-w``; ``--ops`` picks), ``-t none``, on a 1 GiB pre-filled raw image under
 ``.scratch/`` (a real disk: O_DIRECT).  Both tools run in the same invocation,
 alternating, ``--repeat`` times per point; the table shows the median
 requests per second of each and the median of the per-pair ratios
@@ -12,7 +12,8 @@ the "## pyaioctx bench vs qemu-img bench" section of benchmarks/RESULTS.md
 (between its markers), keeping the text around it.
 
     python benchmarks/bench_cli.py [--count N] [--repeat R] [--ops read,write]
-                                   [--aio threads,native,io_uring] [--write-results]
+                                   [--aio threads,native,io_uring] [--depths 1,32,128]
+                                   [--write-results]
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> int:
     ap.add_argument("--size", default="1G")
     ap.add_argument("--ops", default="read,write", help="read, write or both")
     ap.add_argument("--aio", default="threads,native,io_uring", help="backends to run")
+    ap.add_argument("--depths", default="1,32,128", help="queue depths to run")
     ap.add_argument("--write-results", action="store_true")
     a = ap.parse_args()
     qemu_img = shutil.which("qemu-img")
@@ -73,7 +75,7 @@ def main() -> int:
     for op in ops:
         for aio in a.aio.split(","):
             ok, why = aio_engine_available(aio)
-            for depth in (1, 32, 128):
+            for depth in [int(d) for d in a.depths.split(",")]:
                 if not ok:
                     rows.append((op, aio, depth, None, None, why))  # type: ignore[arg-type]
                     continue

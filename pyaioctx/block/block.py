@@ -2169,110 +2169,101 @@ def _direct_finish(acb: _DirectAIOCB) -> None:
     _direct_done(acb, acb.ret)
 
 
-def _aio_direct(bs: BlockDriverState, submit: Callable[..., Any], offset: int,
-                qiov: QEMUIOVector, type: int, cb: Any, opaque: Any) -> Optional[BlockAIOCB]:
-    # Submit on the direct path if the request may take it (see above:
-    # aligned, in bounds, nothing serialising, fixed length, the home
-    # thread).  None when it may not or the driver declined: then nothing
-    # happened and the caller takes the coroutine path.
-    nbytes = qiov.size
-    mt = bs.bl.max_transfer
-    if (bs.serialising_in_flight or bs.has_variable_length or nbytes <= 0 or offset < 0
-            or (offset | nbytes) & (bs.bl.request_alignment - 1)
-            or offset + nbytes > bs.total_bytes or (mt and nbytes > mt)):
-        return None
-    try:
-        if _tls_local.lt.ctx is not bs.aio_context:
-            return None
-    except AttributeError:
-        return None
-    acb = _DirectAIOCB.__new__(_DirectAIOCB)
-    acb.aiocb_info = _direct_aiocb_info
-    acb.bs = bs
-    acb.cb = cb
-    acb.opaque = opaque
-    acb.refcnt = 1
-    acb.offset = offset
-    acb.bytes = nbytes
-    acb.type = type
-    acb.wait_queue = None  # acb.inner is set once the submit returned
-    acb.has_returned = False
-    acb.ret = _NOT_DONE
-    bs.tracked_requests[acb] = None  # type: ignore[index]
-    bs.in_flight += 1
-    acb.start = _monotonic_ns()
-    try:
-        inner = submit(bs, offset, nbytes, qiov, 0, _direct_done, acb)
-    except BaseException:
-        if acb.ret is _NOT_DONE:
-            del bs.tracked_requests[acb]  # type: ignore[arg-type]
-            bs.in_flight -= 1
-        raise
-    if inner is None:
-        if acb.ret is not _NOT_DONE:
-            raise RuntimeError(f"driver '{bs.drv.format_name}' declined a request "  # type: ignore[union-attr]
-                               "it had already completed")
-        del bs.tracked_requests[acb]  # type: ignore[arg-type]
-        bs.in_flight -= 1
-        return None
-    acb.inner = inner
-    acb.has_returned = True
-    if acb.ret is not _NOT_DONE:
-        _defer_completion(bs.aio_context, acb)  # the direct path runs in the home thread
-    return acb
+def _make_blk_aio_rw(is_read: bool, name: str, doc: str) -> Callable[..., BlockAIOCB]:
+    # bdrv_aio_preadv / bdrv_aio_pwritev: one body, the direction bound in a
+    # closure, with the direct path inline (it runs for every request, and
+    # a helper function would cost it a Python call).
+    tracked_type = _TRACKED_READ if is_read else _TRACKED_WRITE
+    entry = _blk_aio_read_entry if is_read else _blk_aio_write_entry
+    entry_name = entry.__name__
+
+    def blk_aio_rw(bs: BlockDriverState, offset: int, qiov: QEMUIOVector, flags: int,
+                   cb: Any, opaque: Any) -> BlockAIOCB:
+        if (bs.__class__ is not BlockDriverState or offset.__class__ is not int
+                or qiov.__class__ is not QEMUIOVector or flags.__class__ is not int):
+            _check_bs(bs, name)
+            _check_qiov_args(name, offset, 0, qiov, 0, flags, is_read)
+        if is_read and qiov.readonly:
+            raise TypeError(f"{name}: cannot read into a read-only qiov")
+        if cb is not None and not callable(cb):
+            raise TypeError(f"{name}: cb must be callable, got {type(cb).__name__}")
+        drv = bs.drv
+        home = False
+        if drv is not None and not flags:
+            submit = drv.bdrv_aio_preadv if is_read else (
+                None if bs.read_only else drv.bdrv_aio_pwritev)
+            if submit is not None:
+                nbytes = qiov.size
+                mt = bs.bl.max_transfer
+                # The direct path (see above): aligned, in bounds, nothing
+                # serialising, a fixed length, the home thread.
+                if (not bs.serialising_in_flight and not bs.has_variable_length
+                        and nbytes > 0 and offset >= 0
+                        and not (offset | nbytes) & (bs.bl.request_alignment - 1)
+                        and offset + nbytes <= bs.total_bytes and not (mt and nbytes > mt)):
+                    try:
+                        home = _tls_local.lt.ctx is bs.aio_context
+                    except AttributeError:  # a thread that never ran QEMU code
+                        pass
+            if home:
+                acb = _DirectAIOCB.__new__(_DirectAIOCB)
+                acb.aiocb_info = _direct_aiocb_info
+                acb.bs = bs
+                acb.cb = cb
+                acb.opaque = opaque
+                acb.refcnt = 1
+                acb.offset = offset
+                acb.bytes = nbytes
+                acb.type = tracked_type
+                acb.wait_queue = None  # acb.inner is set once the submit returned
+                acb.has_returned = False
+                acb.ret = _NOT_DONE
+                bs.tracked_requests[acb] = None  # type: ignore[index]
+                bs.in_flight += 1
+                acb.start = _monotonic_ns()
+                try:
+                    inner = submit(bs, offset, nbytes, qiov, 0, _direct_done, acb)
+                except BaseException:
+                    if acb.ret is _NOT_DONE:
+                        del bs.tracked_requests[acb]  # type: ignore[arg-type]
+                        bs.in_flight -= 1
+                    raise
+                if inner is not None:
+                    acb.inner = inner
+                    acb.has_returned = True
+                    if acb.ret is not _NOT_DONE:
+                        # The direct path runs in the home thread.
+                        _defer_completion(bs.aio_context, acb)
+                    return acb
+                # The driver declined: nothing happened, the coroutine path
+                # takes the request.
+                if acb.ret is not _NOT_DONE:
+                    raise RuntimeError(f"driver '{drv.format_name}' declined a request "
+                                       "it had already completed")
+                del bs.tracked_requests[acb]  # type: ignore[arg-type]
+                bs.in_flight -= 1
+        acb = BlkAioEmAIOCB(_blk_aio_em_aiocb_info, bs, cb, opaque)
+        acb.offset = offset
+        acb.qiov = qiov
+        acb.flags = flags
+        return _blk_aio_start(bs, acb, entry, entry_name)
+
+    blk_aio_rw.__name__ = blk_aio_rw.__qualname__ = name
+    blk_aio_rw.__doc__ = doc
+    return blk_aio_rw
 
 
-def bdrv_aio_preadv(bs: BlockDriverState, offset: int, qiov: QEMUIOVector, flags: int,
-                    cb: Any, opaque: Any) -> BlockAIOCB:
-    """Port of ``blk_aio_preadv``: read ``qiov.size`` bytes at ``offset``,
-    then ``cb(opaque, ret)`` once (never before this returns).  Wrong types
-    raise at once; refused requests call back with -errno.
+bdrv_aio_preadv = _make_blk_aio_rw(True, "bdrv_aio_preadv", """\
+Port of ``blk_aio_preadv``: read ``qiov.size`` bytes at ``offset``,
+then ``cb(opaque, ret)`` once (never before this returns).  Wrong types
+raise at once; refused requests call back with -errno.
 
-    Deviation: a driver with ``bdrv_aio_preadv`` gets simple requests
-    (aligned, in bounds, no flags, nothing serialising) directly, without a
-    coroutine; see the module docstring."""
-    if (bs.__class__ is not BlockDriverState or offset.__class__ is not int
-            or qiov.__class__ is not QEMUIOVector or flags.__class__ is not int):
-        fn = "bdrv_aio_preadv"
-        _check_bs(bs, fn)
-        _check_qiov_args(fn, offset, 0, qiov, 0, flags, True)
-    if qiov.readonly:
-        raise TypeError("bdrv_aio_preadv: cannot read into a read-only qiov")
-    if cb is not None and not callable(cb):
-        raise TypeError(f"bdrv_aio_preadv: cb must be callable, got {type(cb).__name__}")
-    drv = bs.drv
-    if drv is not None and drv.bdrv_aio_preadv is not None and not flags:
-        r = _aio_direct(bs, drv.bdrv_aio_preadv, offset, qiov, _TRACKED_READ, cb, opaque)
-        if r is not None:
-            return r
-    acb = BlkAioEmAIOCB(_blk_aio_em_aiocb_info, bs, cb, opaque)
-    acb.offset = offset
-    acb.qiov = qiov
-    acb.flags = flags
-    return _blk_aio_start(bs, acb, _blk_aio_read_entry, "_blk_aio_read_entry")
-
-
-def bdrv_aio_pwritev(bs: BlockDriverState, offset: int, qiov: QEMUIOVector, flags: int,
-                     cb: Any, opaque: Any) -> BlockAIOCB:
-    """Port of ``blk_aio_pwritev`` (with the direct path of
-    :func:`bdrv_aio_preadv`)."""
-    if (bs.__class__ is not BlockDriverState or offset.__class__ is not int
-            or qiov.__class__ is not QEMUIOVector or flags.__class__ is not int):
-        fn = "bdrv_aio_pwritev"
-        _check_bs(bs, fn)
-        _check_qiov_args(fn, offset, 0, qiov, 0, flags, False)
-    if cb is not None and not callable(cb):
-        raise TypeError(f"bdrv_aio_pwritev: cb must be callable, got {type(cb).__name__}")
-    drv = bs.drv
-    if drv is not None and drv.bdrv_aio_pwritev is not None and not flags and not bs.read_only:
-        r = _aio_direct(bs, drv.bdrv_aio_pwritev, offset, qiov, _TRACKED_WRITE, cb, opaque)
-        if r is not None:
-            return r
-    acb = BlkAioEmAIOCB(_blk_aio_em_aiocb_info, bs, cb, opaque)
-    acb.offset = offset
-    acb.qiov = qiov
-    acb.flags = flags
-    return _blk_aio_start(bs, acb, _blk_aio_write_entry, "_blk_aio_write_entry")
+Deviation: a driver with ``bdrv_aio_preadv`` gets simple requests
+(aligned, in bounds, no flags, nothing serialising) directly, without a
+coroutine; see the module docstring.""")
+bdrv_aio_pwritev = _make_blk_aio_rw(False, "bdrv_aio_pwritev", """\
+Port of ``blk_aio_pwritev`` (with the direct path of
+:func:`bdrv_aio_preadv`).""")
 
 
 def bdrv_aio_flush(bs: BlockDriverState, cb: Any, opaque: Any) -> BlockAIOCB:

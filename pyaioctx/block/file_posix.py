@@ -52,12 +52,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import logging
 import os
 import stat
 import struct
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..aio import AioContext, _context_has_other_home, aio_wait_bh_oneshot
 from ..iov import QEMUIOVector, qemu_memalign, qemu_vfree
@@ -626,44 +625,46 @@ def _raw_aio_pool(bs: BlockDriverState, s: BDRVRawState, offset: int, qiov: QEMU
                                   acb, cb, opaque)
 
 
-def _raw_aio_prw(type: int, bs: BlockDriverState, offset: int, bytes: int,
-                 qiov: QEMUIOVector, flags: int, cb: Any, opaque: Any) -> Optional[BlockAIOCB]:
-    # raw_aio_preadv / raw_aio_pwritev (bound to ``type`` with
-    # functools.partial, which costs less per call than a Python wrapper).
-    s: BDRVRawState = bs.opaque
-    if s.fd < 0:
-        return None
-    if s.needs_alignment:
-        if qiov.niov == 1:
-            # bdrv_qiov_is_aligned for the usual single buffer, inlined.
-            if (qiov._addrs[0] | qiov.size) & (bs.bl.min_mem_alignment - 1):
-                return None
-        elif not bdrv_qiov_is_aligned(bs, qiov):
+def _make_raw_aio_prw(type: int, name: str, doc: str) -> Callable[..., Optional[BlockAIOCB]]:
+    # raw_aio_preadv / raw_aio_pwritev: one body, ``type`` bound in a
+    # closure (one Python call per request; functools.partial would add its
+    # own call, a wrapper function a second frame).
+    def raw_aio_prw(bs: BlockDriverState, offset: int, bytes: int, qiov: QEMUIOVector,
+                    flags: int, cb: Any, opaque: Any) -> Optional[BlockAIOCB]:
+        s: BDRVRawState = bs.opaque
+        if s.fd < 0:
             return None
-    engine = s.engine
-    if engine is None:
-        if (type == QEMU_AIO_READ and s.try_nowait and qiov.niov <= _IOV_MAX
-                and _read_nowait(s, offset, qiov)):
-            cb(opaque, 0)  # the generic layer delivers it after we return
-            return _done_aiocb
-        return _raw_aio_pool(bs, s, offset, qiov, type, cb, opaque)
-    state = s.aio_state
-    if state is None:
-        return None
-    return engine.submit(bs, state, s.fd, offset, qiov, type, cb, opaque)
+        if s.needs_alignment:
+            if qiov.niov == 1:
+                # bdrv_qiov_is_aligned for the usual single buffer, inlined.
+                if (qiov._addrs[0] | qiov.size) & (bs.bl.min_mem_alignment - 1):
+                    return None
+            elif not bdrv_qiov_is_aligned(bs, qiov):
+                return None
+        engine = s.engine
+        if engine is None:
+            if (type == QEMU_AIO_READ and s.try_nowait and qiov.niov <= _IOV_MAX
+                    and _read_nowait(s, offset, qiov)):
+                cb(opaque, 0)  # the generic layer delivers it after we return
+                return _done_aiocb
+            return _raw_aio_pool(bs, s, offset, qiov, type, cb, opaque)
+        state = s.aio_state
+        if state is None:
+            return None
+        return engine.submit(bs, state, s.fd, offset, qiov, type, cb, opaque)
+
+    raw_aio_prw.__name__ = raw_aio_prw.__qualname__ = name
+    raw_aio_prw.__doc__ = doc
+    return raw_aio_prw
 
 
-raw_aio_preadv = functools.partial(_raw_aio_prw, QEMU_AIO_READ)
-raw_aio_preadv.__doc__ = """raw_aio_preadv(bs, offset, bytes, qiov, flags, cb, opaque)
-
+raw_aio_preadv = _make_raw_aio_prw(QEMU_AIO_READ, "raw_aio_preadv", """\
 The callback form of :func:`raw_co_preadv` (QEMU's file driver has none),
 for the generic layer's direct path: the same engine choice, without a
 coroutine.  Returns None for a request that needs a bounce buffer, which the
-coroutine path then handles."""
-raw_aio_pwritev = functools.partial(_raw_aio_prw, QEMU_AIO_WRITE)
-raw_aio_pwritev.__doc__ = """raw_aio_pwritev(bs, offset, bytes, qiov, flags, cb, opaque)
-
-The write twin of :func:`raw_aio_preadv`."""
+coroutine path then handles.""")
+raw_aio_pwritev = _make_raw_aio_prw(QEMU_AIO_WRITE, "raw_aio_pwritev", """\
+The write twin of :func:`raw_aio_preadv`.""")
 
 
 def raw_co_flush_to_disk(bs: BlockDriverState) -> int:
