@@ -152,6 +152,36 @@ def test_bench_json_reports_cpus_and_restores_the_caller(disk_dir: Path) -> None
     assert rc == 0 and set(d["cpus"]) == ALLOWED and after == ALLOWED
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="no SCHED_BATCH on this platform")
+def test_bench_runs_pool_workers_under_sched_batch_with_auto(disk_dir: Path) -> None:
+    """--affinity auto puts the thread pool's workers under SCHED_BATCH for
+    the run (reported as sched_batch) and restores them afterwards; --affinity
+    all and engines without the pool leave them alone."""
+    img = disk_dir / "s.img"
+    img.write_bytes(b"\x5a" * (1 << 20))
+
+    def run(*extra: str) -> dict:
+        import contextlib
+        import io
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert cli_main(["bench", "--json", "-c", "200", "-d", "8", *extra, str(img)]) == 0
+        pool = q.aio_get_thread_pool(q.qemu_get_aio_context())
+        # The policy the workers have after the run (restored).
+        policies = {os.sched_getscheduler(t.native_id) for t in threading.enumerate()
+                    if "/worker-" in t.name and t.is_alive() and t.native_id}
+        return {**json.loads(out.getvalue()), "after": pool.sched_batch, "policies": policies}
+
+    d = in_thread(lambda: run("-i", "threads"))
+    assert d["sched_batch"] is True and d["after"] is False
+    assert d["policies"] <= {os.SCHED_OTHER}
+    d = in_thread(lambda: run("-i", "threads", "--affinity", "all"))
+    assert d["sched_batch"] is False
+    if aio_engine_available("native")[0]:
+        d = in_thread(lambda: run("-i", "native", "-t", "none"))
+        assert d["sched_batch"] is False
+
+
 def test_bad_affinity_is_refused_by_the_tools(disk_dir: Path) -> None:
     img = disk_dir / "c.img"
     img.write_bytes(b"\0" * 65536)
@@ -176,4 +206,5 @@ def test_main_job_says_where_threads_ran(disk_dir: Path, monkeypatch) -> None:
 
     text = in_thread(run)
     assert "note: threads ran on CPU" in text and "--affinity auto" in text, text
+    assert "workers under SCHED_BATCH" in text, text
     assert "ran on CPU" not in in_thread(lambda: run("--affinity", "all"))

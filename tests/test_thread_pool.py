@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import random
 import threading
 import time
@@ -45,7 +46,8 @@ from pyaioctx import (
     thread_pool_submit_co,
     thread_pool_update_params,
 )
-from pyaioctx.thread_pool import THREAD_POOL_BATCH, thread_pool_set_batchable
+from pyaioctx.thread_pool import (THREAD_POOL_BATCH, thread_pool_set_batchable,
+                                  thread_pool_set_sched_batch)
 
 # QEMU's test sleeps 2 s in long_cb and waits 1 s for workers to start;
 # scaled down to keep each test well under the per-test time budget.
@@ -852,3 +854,51 @@ def test_batchable_request_not_stuck_behind_long_one(ctx, pool):
 def test_set_batchable_rejects_non_callable():
     with pytest.raises(TypeError):
         thread_pool_set_batchable(3)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------
+# pyaioctx extension: SCHED_BATCH workers
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="no SCHED_BATCH on this platform")
+def test_sched_batch_applies_to_running_and_new_workers(ctx, pool):
+    """thread_pool_set_sched_batch switches the policy of the workers that
+    run now and of those started later; off restores SCHED_OTHER."""
+    policies: list[int] = []
+    tids: set[int] = set()
+    gate = threading.Event()
+
+    def record(_):
+        policies.append(os.sched_getscheduler(0))
+        tids.add(threading.get_native_id())
+        gate.wait(5)  # hold the worker: the next request needs another
+        return 0
+
+    def run(n: int) -> None:
+        del policies[:]
+        gate.clear()
+        for _ in range(n):
+            thread_pool_submit(pool, record, None)
+        _poll_until(ctx, lambda: len(policies) == n, what="requests")
+        gate.set()
+
+    run(4)
+    assert set(policies) == {os.SCHED_OTHER}
+    before = set(tids)
+    thread_pool_set_sched_batch(pool, True)
+    assert pool.sched_batch
+    for t in _worker_threads(ctx):  # running workers, switched from outside
+        assert os.sched_getscheduler(t.native_id) == os.SCHED_BATCH
+    tids.clear()
+    run(len(before) + 4)  # new workers start, and take the policy themselves
+    assert tids - before
+    assert set(policies) == {os.SCHED_BATCH}
+    thread_pool_set_sched_batch(pool, False)
+    run(8)
+    assert set(policies) == {os.SCHED_OTHER}
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller was never touched
+
+
+def test_sched_batch_bad_input(pool):
+    with pytest.raises(TypeError, match="expected a ThreadPool"):
+        thread_pool_set_sched_batch(object(), True)  # type: ignore[arg-type]

@@ -37,13 +37,14 @@ from typing import Any, Callable, Optional
 
 from ..aio import aio_poll, qemu_init_main_loop
 from ..iov import QEMUIOVector, qemu_iovec_init_buf
+from ..thread_pool import aio_get_thread_pool
 from ..block import (
     BDRV_O_IO_URING, BDRV_O_NATIVE_AIO, BDRV_O_NOCACHE, BDRV_O_NO_FLUSH, BDRV_O_RDWR,
     BlockDriverState, bdrv_aio_flush, bdrv_aio_preadv, bdrv_aio_pwritev, bdrv_drain,
     bdrv_find_format, bdrv_getlength, bdrv_open, bdrv_unref, qemu_blockalign,
 )
-from .affinity import (AffinityError, apply_affinity, check_affinity_spec, restore_affinity,
-                       uses_thread_pool)
+from .affinity import (AffinityError, apply_affinity, apply_pool_sched, check_affinity_spec,
+                       restore_affinity, restore_pool_sched, uses_thread_pool)
 from .cutils import qemu_strtosz, strtol0
 
 __all__ = ["main", "BenchOptions", "BenchResult", "run_bench", "parse_args", "JSON_SCHEMA"]
@@ -59,7 +60,7 @@ JSON_SCHEMA: dict[str, type] = {
     "filename": str, "driver": str, "aio": str, "cache": str, "rw": str,
     "depth": int, "bufsize": int, "requests": int, "errors": int, "seconds": float,
     "iops": float, "mib_per_s": float, "lat_us": dict, "cpu_us_per_req": float,
-    "cpus": list,
+    "cpus": list, "sched_batch": bool,
 }
 
 
@@ -118,6 +119,7 @@ class BenchResult:
     cpu_seconds: float
     latencies_ns: list[int] = field(default_factory=list, repr=False)
     cpus: list[int] = field(default_factory=list)  # where the run's threads could run
+    sched_batch: bool = False  # thread-pool workers ran under SCHED_BATCH
 
     def percentile(self, p: float) -> float:
         """Latency percentile in microseconds (nearest rank)."""
@@ -591,11 +593,13 @@ def run_bench(o: BenchOptions, bs: Optional[BlockDriverState] = None,
     if bs is None:
         bs = open_image(o)
     saved: Optional[set[int]] = None
+    pool = None
     try:
         try:
             saved = apply_affinity(o.affinity, uses_thread_pool(bs))
         except AffinityError as e:
             raise BenchError(str(e)) from None
+        pool = apply_pool_sched(o.affinity, bs)
         image_size = bdrv_getlength(bs)
         if image_size < 0:
             raise BenchError(f"Could not get the image size: {os.strerror(-image_size)}")
@@ -623,12 +627,14 @@ def run_bench(o: BenchOptions, bs: Optional[BlockDriverState] = None,
         b.latencies.sort()
         drv = bs.drv.format_name if bs.drv is not None else "?"
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        batch = uses_thread_pool(bs) and aio_get_thread_pool(bs.aio_context).sched_batch
         res = BenchResult(o.filename or "", drv, o.aio, o.cache, _rw_name(o), o.depth,
-                          o.bufsize, b.completed, 0, secs, cpu, b.latencies, cpus)
+                          o.bufsize, b.completed, 0, secs, cpu, b.latencies, cpus, batch)
         if text:
             _print_extras(res)
         return res
     finally:
+        restore_pool_sched(pool)
         restore_affinity(saved)
         if own:
             bdrv_unref(bs)
@@ -754,7 +760,8 @@ def main_job(o: BenchOptions) -> int:
         allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
         for aio, r, _ in results:
             if r is not None and r.cpus and len(r.cpus) < len(allowed):
-                sys.stdout.write(f"note: {aio} ran on CPU {','.join(map(str, r.cpus))} only "
+                batch = ", workers under SCHED_BATCH" if r.sched_batch else ""
+                sys.stdout.write(f"note: {aio} ran on CPU {','.join(map(str, r.cpus))} only{batch} "
                                  f"(--affinity {o.affinity}: its event loop and workers share "
                                  f"the GIL; --affinity all to use every CPU)\n")
     return 0 if any(r is not None for _, r, _ in results) else 1

@@ -154,7 +154,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _error(f"Invalid shared device number '{args.shared}'")
     if args.port is not None and not 0 <= args.port <= 65535:
         return _error(f"Invalid port '{args.port}'")
-    from .affinity import AffinityError, apply_affinity, check_affinity_spec, uses_thread_pool
+    from .affinity import (AffinityError, apply_affinity, apply_pool_sched, check_affinity_spec,
+                           uses_thread_pool)
     try:
         check_affinity_spec(args.affinity)
     except AffinityError as e:
@@ -178,6 +179,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except AffinityError as e:
         bdrv_unref(bs)
         return _error(str(e))
+    apply_pool_sched(args.affinity, bs)  # for the server's life
     server: Optional[NBDServer] = None
     stop = []
 
