@@ -271,6 +271,7 @@ class ThreadPool:
         # Workers run under SCHED_BATCH (thread_pool_set_sched_batch).
         # Written under the lock; a starting worker reads it once.
         self.sched_batch = False
+        self._sched_set = False  # thread_pool_set_sched_batch was ever called
         self.closed = False
         self.completion_bh = aio_bh_new_full(ctx, _thread_pool_completion_bh, self,
                                              "thread_pool_completion_bh")
@@ -370,6 +371,7 @@ def thread_pool_set_sched_batch(pool: ThreadPool, on: bool) -> None:
     on = bool(on)
     with pool._lock:
         pool.sched_batch = on
+        pool._sched_set = True
         threads = [t for t in pool._threads if t.is_alive()]
     for t in threads:
         tid = t.native_id
@@ -399,11 +401,14 @@ def _worker_thread(pool: ThreadPool, me: _Worker) -> None:
     cover = True
 
     lock.acquire()
-    if pool.sched_batch:  # read under the lock: see thread_pool_set_sched_batch
+    if pool.sched_batch or pool._sched_set:
+        # Read under the lock: see thread_pool_set_sched_batch.  Also when
+        # it is off again: a worker started by a SCHED_BATCH worker
+        # inherited that policy.
         try:
-            _set_sched_batch(0, True)
+            _set_sched_batch(0, pool.sched_batch)
         except OSError:  # pragma: no cover - checked by thread_pool_set_sched_batch
-            log.warning("%s: cannot set SCHED_BATCH on a worker", pool.name, exc_info=True)
+            log.warning("%s: cannot set a worker's scheduling policy", pool.name, exc_info=True)
     pool.pending_threads -= 1
     t = _do_spawn_thread(pool)
     if t is not None:
