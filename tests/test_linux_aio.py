@@ -288,6 +288,15 @@ def test_nested_walk_continues_the_outer_batch(ctx, image):
     assert q.aio_poll(ctx, False) is False
 
 
+def _counting_cb(counts, fail_at):
+    # Counts each request's completions; request fail_at's callback raises.
+    def cb(i, ret):
+        counts[i] += 1
+        if i == fail_at:
+            raise RuntimeError("callback failed")
+    return cb
+
+
 def test_callback_exception_mid_batch_loses_nothing(ctx, image):
     """A callback that raises ends the walk with the exception; the rest of
     the batch completes on the next aio_poll, each request exactly once."""
@@ -295,12 +304,7 @@ def test_callback_exception_mid_batch_loses_nothing(ctx, image):
     s = L.aio_setup_linux_aio(ctx)
     n = 12
     counts = [0] * n
-
-    def cb(i, ret):
-        counts[i] += 1
-        if i == 3:
-            raise RuntimeError("callback failed")
-
+    cb = _counting_cb(counts, 3)
     if not s.use_ring:
         pytest.skip("this kernel's AIO ring is not readable from user space")
     _submit_batch(s, fd, n, cb)
@@ -322,12 +326,7 @@ def test_cleanup_after_a_walk_ended_by_an_exception(image):
         pytest.skip("this kernel's AIO ring is not readable from user space")
     n = 8
     counts = [0] * n
-
-    def cb(i, ret):
-        counts[i] += 1
-        if i == 1:
-            raise RuntimeError("callback failed")
-
+    cb = _counting_cb(counts, 1)
     _submit_batch(s, fd, n, cb)
     with pytest.raises(RuntimeError):
         q.aio_poll(c, True)
