@@ -9,7 +9,9 @@ requests per second of each and the median of the per-pair ratios
 pyaioctx / qemu-img (the disk's speed drifts, so each ratio compares two
 neighbouring runs).  ``--write-results`` replaces the generated table of
 the "## pyaioctx bench vs qemu-img bench" section of benchmarks/RESULTS.md
-(between its markers), keeping the text around it.
+(between its markers), keeping the text around it.  ``--coroutine`` runs
+pyaioctx bench's coroutine path (``bdrv_co_preadv``/``bdrv_co_pwritev``
+from ``depth`` coroutines) against the same qemu-img bench runs.
 
     python benchmarks/bench_cli.py [--count N] [--repeat R] [--ops read,write]
                                    [--aio threads,native,io_uring] [--depths 1,32,128]
@@ -50,8 +52,12 @@ def main() -> int:
     ap.add_argument("--ops", default="read,write", help="read, write or both")
     ap.add_argument("--aio", default="threads,native,io_uring", help="backends to run")
     ap.add_argument("--depths", default="1,32,128", help="queue depths to run")
+    ap.add_argument("--coroutine", action="store_true",
+                    help="pyaioctx bench --coroutine: bdrv_co_* from depth coroutines")
     ap.add_argument("--write-results", action="store_true")
     a = ap.parse_args()
+    if a.coroutine and a.write_results:
+        ap.error("--write-results records the callback path; run --coroutine without it")
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
         print("qemu-img is not installed")
@@ -84,7 +90,8 @@ def main() -> int:
                 qs, ps, ratios = [], [], []
                 for _ in range(a.repeat):
                     q = run([qemu_img, "bench", *opts])
-                    p = run([sys.executable, "-m", "pyaioctx", "bench", *opts])
+                    p = run([sys.executable, "-m", "pyaioctx", "bench",
+                             *(["--coroutine"] if a.coroutine else []), *opts])
                     qs.append(a.count / q)
                     ps.append(a.count / p)
                     ratios.append(q / p)

@@ -53,6 +53,7 @@ def test_parse_defaults_and_options() -> None:
     (["-w", "--flush-interval=2"], "Flush interval can't be smaller than depth"),
     (["--rw", "sideways"], "Invalid --rw mode"),
     (["--runtime", "0"], "Invalid runtime"),
+    (["-w", "--coroutine", "--flush-interval=64"], "--flush-interval is not available with --coroutine"),
     (["a", "b"], "Expecting one image file name"),
 ])
 def test_bad_options(args: list[str], msg: str) -> None:
@@ -102,19 +103,24 @@ def test_first_lines_equal_live_qemu_img(disk_dir: Path, capsys) -> None:
     assert cap.err == live.stderr and cap.out == live.stdout
 
 
+@pytest.mark.parametrize("path", ["callback", "coroutine"])
 @pytest.mark.parametrize("depth", [1, 4, 8])
-def test_writes_land_where_qemu_img_sends_them(disk_dir: Path, capsys, depth: int) -> None:
+def test_writes_land_where_qemu_img_sends_them(disk_dir: Path, capsys, depth: int,
+                                               path: str) -> None:
     """Every request of a write run goes to qemu-img bench's next offset
     (start, then + step, wrapping at the end of the image), exactly count of
-    them, whatever the depth."""
+    them, whatever the depth, from callbacks or from --coroutine's
+    coroutines."""
     size = 64 << 10
     img = disk_dir / "w.img"
     img.write_bytes(bytes(size))
     count, bufsize, step, start = 21, 1024, 4096, 512
+    extra = ["--coroutine"] if path == "coroutine" else []
     assert cli_main(["bench", "--json", "-w", "--pattern=0x77", "-c", str(count), "-d", str(depth),
-                     "-s", str(bufsize), "-S", str(step), "-o", str(start), str(img)]) == 0
+                     "-s", str(bufsize), "-S", str(step), "-o", str(start), *extra, str(img)]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["requests"] == count and d["errors"] == 0
+    assert d["requests"] == count and d["errors"] == 0 and d["path"] == path
+    assert len(d["lat_us"]) == 4 and d["lat_us"]["p50"] > 0
     expect = bytearray(size)
     for i in range(count):
         off = (start + i * step) % size

@@ -40,9 +40,11 @@ from ..iov import QEMUIOVector, qemu_iovec_init_buf
 from ..thread_pool import aio_get_thread_pool
 from ..block import (
     BDRV_O_IO_URING, BDRV_O_NATIVE_AIO, BDRV_O_NOCACHE, BDRV_O_NO_FLUSH, BDRV_O_RDWR,
-    BlockDriverState, bdrv_aio_flush, bdrv_aio_preadv, bdrv_aio_pwritev, bdrv_drain,
-    bdrv_find_format, bdrv_getlength, bdrv_open, bdrv_unref, qemu_blockalign,
+    BlockDriverState, bdrv_aio_flush, bdrv_aio_preadv, bdrv_aio_pwritev, bdrv_co_preadv,
+    bdrv_co_pwritev, bdrv_drain, bdrv_find_format, bdrv_getlength, bdrv_open, bdrv_unref,
+    qemu_blockalign,
 )
+from ..coroutine import qemu_coroutine_create, qemu_coroutine_enter
 from .affinity import (AffinityError, apply_affinity, apply_pool_sched, check_affinity_spec,
                        restore_affinity, restore_pool_sched, uses_thread_pool)
 from .cutils import qemu_strtosz, strtol0
@@ -60,7 +62,7 @@ JSON_SCHEMA: dict[str, type] = {
     "filename": str, "driver": str, "aio": str, "cache": str, "rw": str,
     "depth": int, "bufsize": int, "requests": int, "errors": int, "seconds": float,
     "iops": float, "mib_per_s": float, "lat_us": dict, "cpu_us_per_req": float,
-    "cpus": list, "sched_batch": bool,
+    "cpus": list, "sched_batch": bool, "path": str,
 }
 
 
@@ -101,6 +103,7 @@ class BenchOptions:
     seed: int = 1
     depth_set: bool = False           # -d given (the main job defaults to 32)
     affinity: str = "auto"            # --affinity: auto, all or a CPU list
+    coroutine: bool = False           # --coroutine: bdrv_co_* from depth coroutines
 
 
 @dataclass
@@ -120,6 +123,7 @@ class BenchResult:
     latencies_ns: list[int] = field(default_factory=list, repr=False)
     cpus: list[int] = field(default_factory=list)  # where the run's threads could run
     sched_batch: bool = False  # thread-pool workers ran under SCHED_BATCH
+    path: str = "callback"     # "callback" (bdrv_aio_*) or "coroutine" (bdrv_co_*)
 
     def percentile(self, p: float) -> float:
         """Latency percentile in microseconds (nearest rank)."""
@@ -153,7 +157,7 @@ _USAGE = """usage: pyaioctx bench [-c count] [-d depth] [-f fmt] [--flush-interv
                       [-s buffer_size] [-S step_size] [-t cache] [-w] [-U]
                       [--rw randread|randwrite|read|write] [--runtime SECONDS]
                       [--json] [--progress|--no-progress] [--size SIZE] [--dir DIR]
-                      [--image-opts] [--affinity auto|all|CPUS] [FILENAME]
+                      [--image-opts] [--affinity auto|all|CPUS] [--coroutine] [FILENAME]
 
 qemu-img bench compatible: the first and last lines are qemu-img bench's.
 Without FILENAME: create a pre-filled scratch image (--size, default 256M) in
@@ -165,6 +169,10 @@ Without FILENAME: create a pre-filled scratch image (--size, default 256M) in
 on the thread pool (-i threads), where the event loop and the workers share
 the GIL and a hand-off to another CPU costs a cross-CPU wake-up; "all"
 leaves the CPUs alone, a list (0-3, 1,3) picks them.
+
+--coroutine sends the requests from depth coroutines looping on
+bdrv_co_preadv/bdrv_co_pwritev instead of bdrv_aio_* callbacks (the same
+offsets and count; no --flush-interval).
 """
 
 _LONG = {
@@ -177,7 +185,7 @@ _LONG = {
     "runtime": ("runtime", True), "json": ("json", False), "progress": ("progress", False),
     "no-progress": ("no-progress", False), "size": ("size", True), "dir": ("dir", True),
     "image-opts": ("image-opts", False), "seed": ("seed", True),
-    "affinity": ("affinity", True),
+    "affinity": ("affinity", True), "coroutine": ("coroutine", False),
 }
 _SHORT = "hc:d:f:ni:o:qs:S:t:wU"
 
@@ -330,6 +338,8 @@ def parse_args(argv: list[str]) -> Optional[BenchOptions]:
             except AffinityError as e:
                 raise BenchError(f"Invalid --affinity: {e}") from None
             o.affinity = s
+        elif key == "coroutine":
+            o.coroutine = True
     if o.rw is not None:
         o.write = o.rw in ("write", "randwrite")
     if len(operands) > 1:
@@ -338,6 +348,8 @@ def parse_args(argv: list[str]) -> Optional[BenchOptions]:
     o.filename = operands[0] if operands else None
     if o.flush_interval and not o.write:
         raise BenchError("--flush-interval is only available in write tests")
+    if o.flush_interval and o.coroutine:
+        raise BenchError("--flush-interval is not available with --coroutine")
     if o.flush_interval and o.flush_interval < o.depth and o.drain_on_flush:
         raise BenchError("Flush interval can't be smaller than depth")
     return o
@@ -453,6 +465,7 @@ class _Bench:
         self.write = o.write
         self.offset = o.offset
         self.in_flight = 0
+        self.submitted = 0  # --coroutine: requests taken by the coroutines
         self.in_flush = False
         self.error = 0
         self.completed = 0
@@ -506,14 +519,7 @@ class _Bench:
                     return
         submit = self._submit
         while self.n > self.in_flight and self.in_flight < self.nrreq:
-            if self.rand:
-                offset = self.rng.randrange(self.slots) * self.step
-            else:
-                # qemu-img's next offset; wraps at the end of the image
-                # (QEMU 7.2: offset %= image_size).
-                offset = self.offset
-                nxt = offset + self.step
-                self.offset = nxt % self.image_size if self.image_size else 0
+            offset = self._next_offset()
             # Counted before the call: the completion may come back at once.
             self.in_flight += 1
             submit(self.bs, offset, self.qiov, 0, self._done, _perf_counter_ns())
@@ -565,11 +571,55 @@ class _Bench:
             self.error = ret
             self.n = 0
 
+    def _next_offset(self) -> int:
+        # qemu-img's next offset, wrapping at the end of the image (QEMU
+        # 7.2: offset %= image_size), or a random slot for --rw rand*.
+        if self.rand:
+            return self.rng.randrange(self.slots) * self.step
+        offset = self.offset
+        self.offset = (offset + self.step) % self.image_size if self.image_size else 0
+        return offset
+
+    def _co_entry(self, _: Any) -> None:
+        # One of --coroutine's depth coroutines: the same requests as the
+        # callback path, each awaited with bdrv_co_preadv/pwritev.
+        co_rw = bdrv_co_pwritev if self.write else bdrv_co_preadv
+        bs, qiov, size, record = self.bs, self.qiov, self.bufsize, self.latencies.append
+        try:
+            while self.submitted < self.n and not self.error:
+                if self.deadline is not None and time.perf_counter() >= self.deadline:
+                    break
+                self.submitted += 1
+                offset = self._next_offset()
+                t0 = _perf_counter_ns()
+                ret = co_rw(bs, offset, size, qiov, 0)
+                record(_perf_counter_ns() - t0)
+                if ret < 0:
+                    if not self.error:
+                        self.error = ret
+                    break
+                self.completed += 1
+        finally:
+            self.in_flight -= 1
+
+    def _run_coroutines(self) -> None:
+        for _ in range(self.nrreq):
+            self.in_flight += 1
+            qemu_coroutine_enter(qemu_coroutine_create(self._co_entry, None))
+
     def run(self, progress: _Progress) -> tuple[float, float]:
         cpu0 = time.process_time()
         t1 = time.perf_counter()
         if self.o.runtime is not None:
             self.deadline = t1 + self.o.runtime
+        if self.o.coroutine:
+            self._run_coroutines()
+            while self.in_flight > 0:
+                aio_poll(self.ctx, True)
+                progress.update((time.perf_counter() - t1) if self.o.runtime is not None
+                                else self.completed)
+            bdrv_drain(self.bs)
+            return time.perf_counter() - t1, time.process_time() - cpu0
         self.cb(0, 0)
         while self.n > 0:
             aio_poll(self.ctx, True)
@@ -629,7 +679,8 @@ def run_bench(o: BenchOptions, bs: Optional[BlockDriverState] = None,
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         batch = uses_thread_pool(bs) and aio_get_thread_pool(bs.aio_context).sched_batch
         res = BenchResult(o.filename or "", drv, o.aio, o.cache, _rw_name(o), o.depth,
-                          o.bufsize, b.completed, 0, secs, cpu, b.latencies, cpus, batch)
+                          o.bufsize, b.completed, 0, secs, cpu, b.latencies, cpus, batch,
+                          "coroutine" if o.coroutine else "callback")
         if text:
             _print_extras(res)
         return res
