@@ -245,11 +245,17 @@ def test_nested_completion(ctx, image):
 
 def _submit_batch(s, fd, n, cb):
     # n reads in one io_submit, then wait until the kernel finished them
-    # all, so the next walk finds every completion in one batch.
-    L.laio_io_plug(None, s)
-    for i in range(n):
-        L.laio_submit(None, s, fd, i * 8, QEMUIOVector(_buf()), 8, cb, i, QEMU_AIO_READ)
-    L.laio_io_unplug(None, s)
+    # all, so the next walk finds every completion in one batch.  Submitted
+    # from a coroutine: ioq_submit then does not reap right away, which on
+    # a fast disk would run the callbacks inside laio_io_unplug.
+    def submit(_):
+        L.laio_io_plug(None, s)
+        for i in range(n):
+            L.laio_submit(None, s, fd, i * 8, QEMUIOVector(_buf()), 8, cb, i, QEMU_AIO_READ)
+        L.laio_io_unplug(None, s)
+
+    C.qemu_coroutine_enter(C.qemu_coroutine_create(submit, None))
+    assert s.io_q.in_flight == n and not s.io_q.pending
     hdr = s.ring._hdr
     for _ in range(1_000_000):
         if (hdr[3] - hdr[2]) % s.ring.nr == n:
