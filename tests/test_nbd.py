@@ -799,7 +799,7 @@ def test_fio_nbd_engine_writes_and_verifies(disk_dir: Path, unix: bool) -> None:
         r = run(["fio", "--name=verify", "--ioengine=nbd", f"--uri={st.uri()}",
                  "--rw=randwrite", "--bs=4k", "--iodepth=16", f"--size={SIZE}",
                  "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
-                 "--output-format=json"], timeout=120)
+                 "--output-format=json"], timeout=120, cwd=disk_dir)  # fio leaves state files
         assert r.returncode == 0, r.stdout + r.stderr
         job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
         assert job["error"] == 0
