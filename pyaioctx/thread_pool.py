@@ -401,7 +401,7 @@ def _worker_thread(pool: ThreadPool, me: _Worker) -> None:
     cover = True
 
     lock.acquire()
-    if pool.sched_batch or pool._sched_set:
+    if pool._sched_set:
         # Read under the lock: see thread_pool_set_sched_batch.  Also when
         # it is off again: a worker started by a SCHED_BATCH worker
         # inherited that policy.

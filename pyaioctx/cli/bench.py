@@ -556,7 +556,8 @@ class _Bench:
                 bench.in_flight -= 1
                 return
             # One request done, so the queue has room for exactly one: send
-            # it in this one's slot (in_flight unchanged).
+            # it in this one's slot (in_flight unchanged).  _next_offset,
+            # inlined with the constants bound above.
             if rand:
                 offset = randrange(slots) * step
             else:
@@ -614,14 +615,11 @@ class _Bench:
             self.deadline = t1 + self.o.runtime
         if self.o.coroutine:
             self._run_coroutines()
-            while self.in_flight > 0:
-                aio_poll(self.ctx, True)
-                progress.update((time.perf_counter() - t1) if self.o.runtime is not None
-                                else self.completed)
-            bdrv_drain(self.bs)
-            return time.perf_counter() - t1, time.process_time() - cpu0
-        self.cb(0, 0)
-        while self.n > 0:
+            busy = lambda: self.in_flight > 0  # noqa: E731 - until every coroutine ended
+        else:
+            self.cb(0, 0)
+            busy = lambda: self.n > 0  # noqa: E731 - until bench_cb sent and saw them all
+        while busy():
             aio_poll(self.ctx, True)
             progress.update((time.perf_counter() - t1) if self.o.runtime is not None
                             else self.completed)
