@@ -178,6 +178,60 @@ def test_aio_co_wake_from_bh(co_backend, ctx):
     assert log == ["submit", "bh", "completed"] and co.terminated
 
 
+def test_engine_wake_matches_aio_co_wake(co_backend, ctx):
+    """The I/O engines' completion wake (``if not qemu_coroutine_entered:
+    aio_co_wake``, as one call): a coroutine that yields again, one that
+    wakes another before yielding (that one runs next, before the BH's
+    caller goes on), one that terminates, an entered coroutine (left
+    alone), and a wake from inside a coroutine (queued until it yields)."""
+    from pyaioctx.coroutine._core import _wake_unless_entered
+    log = []
+
+    def sleeper(name):
+        log.append(f"{name} start")
+        qemu_coroutine_yield()
+        log.append(f"{name} woke")
+        if name == "a":
+            aio_co_enter(ctx, b)  # b runs as soon as a yields
+            qemu_coroutine_yield()
+            log.append("a again")
+        elif name == "c":
+            _wake_unless_entered(C.qemu_coroutine_self())  # entered: ignored
+            _wake_unless_entered(d)  # from a coroutine: after c ends
+            log.append("c ends")
+
+    a, b, c, d = (qemu_coroutine_create(sleeper, n) for n in "abcd")
+    for co in (a, b, c, d):
+        qemu_coroutine_enter(co)
+    del log[:]
+    _wake_unless_entered(a)
+    assert log == ["a woke", "b woke"] and not a.terminated and b.terminated
+    _wake_unless_entered(a)
+    assert log[2:] == ["a again"] and a.terminated
+    _wake_unless_entered(c)
+    assert log[3:] == ["c woke", "c ends", "d woke"] and c.terminated and d.terminated
+    with pytest.raises(CoroutineError, match="terminated"):
+        _wake_unless_entered(a)
+
+
+def test_engine_wake_from_other_thread_schedules(co_backend, ctx, iothread):
+    """The engines' wake from a thread whose context is not the
+    coroutine's schedules it there, as aio_co_wake does."""
+    from pyaioctx.coroutine._core import _wake_unless_entered
+    log = []
+
+    def body(_):
+        qemu_coroutine_yield()
+        log.append(qemu_get_current_aio_context() is ctx)
+
+    co = qemu_coroutine_create(body, None)
+    qemu_coroutine_enter(co)
+    iothread.run_bh(lambda: _wake_unless_entered(co))
+    assert log == []
+    poll_until(ctx, lambda: log)
+    assert log == [True]
+
+
 def test_aio_co_schedule_twice_raises(co_backend, ctx):
     co = qemu_coroutine_create(lambda _: None, None)
     aio_co_schedule(ctx, co)

@@ -36,6 +36,7 @@ from pyaioctx.block import (
     bdrv_aio_pwritev,
     bdrv_close,
     bdrv_co_preadv,
+    bdrv_co_pwritev,
     bdrv_drain,
     bdrv_flush,
     bdrv_get_aio_context,
@@ -624,6 +625,198 @@ def test_direct_path_declines_misaligned_buffer(disk_dir, aio_backend):
         assert isinstance(acb, _DirectAIOCB) == (not aio_backend.direct)
         _wait(lambda: done)
         assert done == [0] and bytes(view) == data[4096:8192]
+
+
+# --------------------------------------------------------------------------
+# The coroutine direct path (bdrv_co_preadv/pwritev straight to the driver)
+
+def _co_start(fn, *args):
+    """Enter a coroutine running ``fn(*args)``; returns a list that gets
+    ``[result]`` (or ``[exception]``) when it ends."""
+    out: list = []
+
+    def entry(_):
+        try:
+            out.append(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out.append(e)
+
+    qemu_coroutine_enter(qemu_coroutine_create(entry, None))
+    return out
+
+
+def test_co_direct_path_round_trip_and_accounting(disk_dir, aio_backend):
+    """An aligned coroutine request goes straight to the driver, and
+    everything the general path does still happens: tracked while in
+    flight (as a _CoDirectReq), in-flight count, write generation,
+    accounting, the data."""
+    from pyaioctx.block.block import _CoDirectReq
+    path = disk_dir / "img"
+    make_image(path, SIZE)
+    with open_image(path, aio_backend) as bs:
+        wbuf, wmv = _aligned_buf(8192)
+        wmv[:] = os.urandom(8192)
+        gen = bs.write_gen
+        out = _co_start(bdrv_co_pwritev, bs, 8192, 8192, QEMUIOVector(wmv))
+        # Every engine completes an O_DIRECT or pool request from the event
+        # loop, so the coroutine is still waiting here.
+        assert out == []
+        reqs = list(bs.tracked_requests)
+        assert len(reqs) == 1 and type(reqs[0]) is _CoDirectReq
+        assert (reqs[0].offset, reqs[0].bytes, reqs[0].overlap_offset,
+                reqs[0].overlap_bytes) == (8192, 8192, 8192, 8192)
+        assert bs.in_flight == 1
+        _wait(lambda: out)
+        assert out == [0]
+        assert not bs.tracked_requests and bs.in_flight == 0
+        assert bs.write_gen == gen + 1
+        rbuf, rmv = _aligned_buf(8192)
+        out = _co_start(bdrv_co_preadv, bs, 8192, 8192, QEMUIOVector(rmv))
+        _wait(lambda: out)
+        assert out == [0] and bytes(rmv) == bytes(wmv)
+        st = bdrv_get_stats(bs)
+        assert (st.rd_operations, st.rd_bytes, st.wr_operations, st.wr_bytes) == (1, 8192, 1, 8192)
+        assert st.wr_highest_offset == 16384
+        assert st.rd_total_time_ns > 0 and st.wr_total_time_ns > 0
+
+
+def test_co_requests_the_direct_path_leaves_to_the_general_one(disk_dir, aio_backend):
+    """Unaligned, flagged, partial-qiov and out-of-range requests take the
+    general path and get its results; refusals are accounted as invalid."""
+    from pyaioctx.block.block import _CoDirectReq, _TrackedRequest
+    path = disk_dir / "img"
+    model = bytearray(make_image(path, SIZE))
+    with open_image(path, aio_backend) as bs:
+        buf, mv = _aligned_buf(8192)
+        mv[:] = os.urandom(8192)
+        # Unaligned only where the device has an alignment (O_DIRECT).
+        unaligned = _TrackedRequest if aio_backend.direct else _CoDirectReq
+        cases = [
+            (100, 4096, QEMUIOVector(bytearray(mv[:4096])), 0, unaligned),
+            (4096, 4096, QEMUIOVector(mv), 0, _TrackedRequest),  # qiov longer than bytes
+            (0, 4096, QEMUIOVector(mv[:4096]), BDRV_REQ_FUA, _TrackedRequest),  # a flag
+        ]
+        for offset, nbytes, qiov, flags, kind in cases:
+            out = _co_start(bdrv_co_pwritev, bs, offset, nbytes, qiov, flags)
+            assert {type(r) for r in bs.tracked_requests} == {kind}, (offset, nbytes, flags)
+            _wait(lambda: out)
+            assert out == [0], (offset, nbytes, flags)
+            model[offset:offset + nbytes] = qiov.to_bytes()[:nbytes]
+        assert bs.read(0, SIZE) == bytes(model)
+        before = bdrv_get_stats(bs)
+        out = _co_start(bdrv_co_pwritev, bs, SIZE, 4096, QEMUIOVector(mv[:4096]))
+        _wait(lambda: out)
+        assert out == [-errno.EIO]
+        after = bdrv_get_stats(bs)
+        assert after.invalid_wr_operations == before.invalid_wr_operations + 1
+        assert after.wr_operations == before.wr_operations
+        with pytest.raises(Exception, match="coroutine"):
+            bdrv_co_preadv(bs, 0, 4096, QEMUIOVector(mv[:4096]))
+    assert bs.in_flight == 0
+
+
+def test_co_direct_path_on_read_only_device_is_eperm(disk_dir, aio_backend):
+    path = disk_dir / "img"
+    data = make_image(path, SIZE)
+    with bdrv_open(str(path), aio_backend.options(**{"read-only": True}), 0) as bs:
+        buf, mv = _aligned_buf(4096)
+        out = _co_start(bdrv_co_pwritev, bs, 0, 4096, QEMUIOVector(mv))
+        _wait(lambda: out)
+        assert out == [-errno.EPERM]
+        out = _co_start(bdrv_co_preadv, bs, 0, 4096, QEMUIOVector(mv))
+        _wait(lambda: out)
+        assert out == [0] and bytes(mv) == data[:4096]
+
+
+def test_unaligned_write_waits_for_co_direct_request(disk_dir, aio_backend):
+    """A read-modify-write that overlaps a coroutine direct write in flight
+    waits for it, so the direct write is never undone by a stale read."""
+    if not aio_backend.direct:
+        pytest.skip("buffered I/O needs no read-modify-write (request_alignment 1)")
+    from pyaioctx.block.block import _CoDirectReq
+    path = disk_dir / "img"
+    old = make_image(path, SIZE)
+    with open_image(path, aio_backend) as bs:
+        wbuf, wmv = _aligned_buf(4096)
+        wmv[:] = b"A" * 4096
+        a = _co_start(bdrv_co_pwritev, bs, 0, 4096, QEMUIOVector(wmv))
+        (req_a,) = bs.tracked_requests
+        assert type(req_a) is _CoDirectReq
+        b = _co_start(bdrv_co_pwritev, bs, 100, 10, QEMUIOVector(bytearray(b"B" * 10)))
+        waiting = [r.waiting_for for r in bs.tracked_requests if r is not req_a]
+        assert waiting == [req_a], "the read-modify-write did not wait for the direct write"
+        assert req_a.wait_queue is not None
+        _wait(lambda: a and b)
+        assert (a, b) == ([0], [0])
+        assert bs.read(0, 4096) == b"A" * 100 + b"B" * 10 + b"A" * 3986
+        assert bs.read(4096, 4096) == old[4096:8192]
+
+
+def test_co_direct_path_driver_errors():
+    """A driver that raises, or returns something that is not an int, on
+    the direct path: the exception reaches the caller, the request is
+    accounted as failed, nothing stays in flight."""
+    mode = ["raise"]
+
+    def op(bs, options, flags):
+        bs.opaque = bytearray(65536)
+        return 0
+
+    def co_preadv(bs, offset, bytes, qiov, flags):
+        assert bs.tracked_requests and bs.in_flight == 1
+        if mode[0] == "raise":
+            raise OSError(errno.EIO, "boom")
+        if mode[0] == "none":
+            return None
+        return -errno.EIO
+
+    drv = BlockDriver(format_name="co-direct-test", bdrv_open=op,
+                      bdrv_getlength=lambda bs: len(bs.opaque), bdrv_co_preadv=co_preadv)
+    bdrv_register(drv)
+    try:
+        with bdrv_open(None, {"driver": "co-direct-test"}, BDRV_O_RDWR) as bs:
+            qiov = QEMUIOVector(bytearray(512))
+            out = _co_start(bdrv_co_preadv, bs, 0, 512, qiov)
+            assert len(out) == 1 and isinstance(out[0], OSError)
+            mode[0] = "none"
+            out = _co_start(bdrv_co_preadv, bs, 0, 512, qiov)
+            assert len(out) == 1 and isinstance(out[0], TypeError)
+            assert "co-direct-test" in str(out[0])
+            mode[0] = "errno"
+            assert _co_start(bdrv_co_preadv, bs, 0, 512, qiov) == [-errno.EIO]
+            st = bdrv_get_stats(bs)
+            assert (st.failed_rd_operations, st.rd_operations) == (3, 0)
+            assert not bs.tracked_requests and bs.in_flight == 0
+    finally:
+        bdrv_unregister(drv)
+
+
+def test_co_direct_path_skips_drivers_with_part_callbacks():
+    """A driver with bdrv_co_preadv_part is called through the general
+    path (with the qiov offset), never with the direct path's arguments."""
+    calls = []
+
+    def op(bs, options, flags):
+        bs.opaque = bytearray(range(256)) * 256
+        return 0
+
+    def co_preadv_part(bs, offset, bytes, qiov, qiov_offset, flags):
+        calls.append((offset, bytes, qiov_offset))
+        qiov.from_buf(qiov_offset, bs.opaque[offset:offset + bytes])
+        return 0
+
+    drv = BlockDriver(format_name="co-part-test", bdrv_open=op,
+                      bdrv_getlength=lambda bs: len(bs.opaque),
+                      bdrv_co_preadv=lambda *a: pytest.fail("direct path taken"),
+                      bdrv_co_preadv_part=co_preadv_part)
+    bdrv_register(drv)
+    try:
+        with bdrv_open(None, {"driver": "co-part-test"}, BDRV_O_RDWR) as bs:
+            buf = bytearray(512)
+            assert _co_start(bdrv_co_preadv, bs, 1024, 512, QEMUIOVector(buf)) == [0]
+            assert calls == [(1024, 512, 0)] and bytes(buf) == bytes(bs.opaque[1024:1536])
+    finally:
+        bdrv_unregister(drv)
 
 
 def test_user_driver_aio_callbacks_take_the_direct_path():

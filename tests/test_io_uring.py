@@ -205,6 +205,41 @@ def test_co_write_read_flush(ctx, any_image, co_backend):
         assert results[i] == (0, 0, 0, 0, payload[i])
 
 
+def test_co_submit_direct(ctx, any_image, co_backend):
+    """luring_co_submit_direct (the file driver's coroutine path): the same
+    results as luring_co_submit, from 16 coroutines."""
+    fd, data, _ = any_image
+    s = U.aio_setup_linux_io_uring(ctx)
+    payload = [os.urandom(BS) for _ in range(16)]
+    results = {}
+
+    def entry(i):
+        w = _buf(payload[i])
+        r1 = U.luring_co_submit_direct(None, s, fd, i * BS, QEMUIOVector(w), QEMU_AIO_WRITE)
+        rb = _buf()
+        r2 = U.luring_co_submit_direct(None, s, fd, i * BS, QEMUIOVector(rb), QEMU_AIO_READ)
+        old = _buf()
+        r3 = U.luring_co_submit_direct(None, s, fd, (16 + i) * BS, QEMUIOVector(old),
+                                       QEMU_AIO_READ)
+        results[i] = (r1, r2, r3, bytes(rb), bytes(old))
+
+    _run_co(ctx, entry, 16)
+    for i in range(16):
+        r1, r2, r3, got, old = results[i]
+        assert (r1, r2, r3) == (0, 0, 0)
+        assert got == payload[i]
+        assert old == bytes(data[(16 + i) * BS:(17 + i) * BS])
+
+
+def test_co_submit_direct_outside_coroutine_queues_nothing(ctx, image):
+    """Outside a coroutine it refuses before anything is queued."""
+    fd, _, _ = image
+    s = U.aio_setup_linux_io_uring(ctx)
+    with pytest.raises(RuntimeError, match="luring_co_submit must be called from a coroutine"):
+        U.luring_co_submit_direct(None, s, fd, 0, QEMUIOVector(_buf()), QEMU_AIO_READ)
+    assert s.io_q.in_queue == 0 and not s.io_q.pending
+
+
 def test_fsync_ordering(ctx, disk_dir, co_backend):
     """Write, fsync, then read back through a second (O_DIRECT) descriptor."""
     path = disk_dir / "order.img"

@@ -122,12 +122,14 @@ class _Engine:
     context and how to submit to it.  The thread pool is the fallback and
     needs no entry."""
 
-    def __init__(self, name: str, setup: Any, co_submit: Any, submit: Any, plug: Any,
-                 unplug: Any, flush: bool, ctx_attr: str) -> None:
+    def __init__(self, name: str, setup: Any, co_submit: Any, co_submit_direct: Any,
+                 submit: Any, plug: Any, unplug: Any, flush: bool, ctx_attr: str) -> None:
         self.name = name
         self.ctx_attr = ctx_attr    # where the context keeps its state, once set up
         self.setup = setup          # setup(ctx) -> state, raises OSError
         self.co_submit = co_submit  # co_submit(bs, state, fd, offset, qiov, type) -> int
+        # The same for a read or write with arguments already checked.
+        self.co_submit_direct = co_submit_direct
         # submit(bs, state, fd, offset, qiov, type, cb, opaque) -> AIOCB or
         # None: the callback form, arguments already checked.
         self.submit = submit
@@ -143,14 +145,14 @@ def _load_engine(aio: str) -> _Engine:
         try:
             from . import linux_aio as m
             return _Engine("native", m.aio_setup_linux_aio, m.laio_co_submit,
-                           m.laio_submit_direct,
+                           m.laio_co_submit_direct, m.laio_submit_direct,
                            m.laio_io_plug, m.laio_io_unplug, False, "linux_aio")
         except (ImportError, AttributeError) as e:
             raise ValueError(f"aio=native is not available: {e}") from e
     try:
         from . import io_uring as m  # type: ignore[attr-defined]
         return _Engine("io_uring", m.aio_setup_linux_io_uring, m.luring_co_submit,
-                       m.luring_submit_direct,
+                       m.luring_co_submit_direct, m.luring_submit_direct,
                        m.luring_io_plug, m.luring_io_unplug, True, "linux_io_uring")
     except (ImportError, AttributeError) as e:
         raise ValueError(f"io_uring is not available: {e}") from e
@@ -602,16 +604,32 @@ def _raw_co_prw(bs: BlockDriverState, offset: int, bytes: int, qiov: QEMUIOVecto
     return _pool_submit(bs, _handle_aiocb_rw, acb)
 
 
-def raw_co_preadv(bs: BlockDriverState, offset: int, bytes: int, qiov: QEMUIOVector,
-                  flags: int) -> int:
-    """Port of ``raw_co_preadv``."""
-    return _raw_co_prw(bs, offset, bytes, qiov, QEMU_AIO_READ)
-
-
-def raw_co_pwritev(bs: BlockDriverState, offset: int, bytes: int, qiov: QEMUIOVector,
+def _make_raw_co_prw(type: int, name: str, doc: str) -> Callable[..., int]:
+    # raw_co_preadv / raw_co_pwritev: _raw_co_prw with ``type`` bound in a
+    # closure and its engine case inline -- one Python call per request
+    # between the generic layer and the engine.
+    def raw_co_prw(bs: BlockDriverState, offset: int, bytes: int, qiov: QEMUIOVector,
                    flags: int) -> int:
-    """Port of ``raw_co_pwritev``."""
-    return _raw_co_prw(bs, offset, bytes, qiov, QEMU_AIO_WRITE)
+        s: BDRVRawState = bs.opaque
+        engine = s.engine
+        if engine is not None and s.fd >= 0 and s.aio_state is not None:
+            if not s.needs_alignment:
+                return engine.co_submit_direct(bs, s.aio_state, s.fd, offset, qiov, type)
+            if qiov.niov == 1:
+                # bdrv_qiov_is_aligned for the usual single buffer, inlined.
+                if not (qiov._addrs[0] | qiov.size) & (bs.bl.min_mem_alignment - 1):
+                    return engine.co_submit_direct(bs, s.aio_state, s.fd, offset, qiov, type)
+            elif bdrv_qiov_is_aligned(bs, qiov):
+                return engine.co_submit_direct(bs, s.aio_state, s.fd, offset, qiov, type)
+        return _raw_co_prw(bs, offset, bytes, qiov, type)
+
+    raw_co_prw.__name__ = raw_co_prw.__qualname__ = name
+    raw_co_prw.__doc__ = doc
+    return raw_co_prw
+
+
+raw_co_preadv = _make_raw_co_prw(QEMU_AIO_READ, "raw_co_preadv", "Port of ``raw_co_preadv``.")
+raw_co_pwritev = _make_raw_co_prw(QEMU_AIO_WRITE, "raw_co_pwritev", "Port of ``raw_co_pwritev``.")
 
 
 def _raw_aio_pool(bs: BlockDriverState, s: BDRVRawState, offset: int, qiov: QEMUIOVector,

@@ -89,11 +89,10 @@ from ..aio import (
     qemu_bh_schedule,
 )
 from ..aiocb import AIOCBInfo, BlockAIOCB, qemu_aio_unref
-from ..coroutine import aio_co_wake as _aio_co_wake
-from ..coroutine import qemu_coroutine_entered as _coroutine_entered
 from ..coroutine import qemu_coroutine_self as _coroutine_self
 from ..coroutine import qemu_coroutine_yield as _coroutine_yield
 from ..coroutine import qemu_in_coroutine as _in_coroutine
+from ..coroutine._core import _wake_unless_entered
 from ..event_notifier import (
     EventNotifier,
     event_notifier_cleanup,
@@ -103,6 +102,7 @@ from ..event_notifier import (
 )
 from ..iov import QEMUIOVector
 from .._sys import io_uring_abi
+from .._tls import _local as _tls_local
 from .linux_aio import LaioQueue
 from .raw_aio import QEMU_AIO_FLUSH, QEMU_AIO_READ, QEMU_AIO_WRITE
 
@@ -117,6 +117,7 @@ __all__ = [
     "luring_attach_aio_context",
     "luring_detach_aio_context",
     "luring_co_submit",
+    "luring_co_submit_direct",
     "luring_submit",
     "luring_io_plug",
     "luring_io_unplug",
@@ -361,8 +362,7 @@ def _luring_finish(luringcb: LuringAIOCB) -> None:
         # If the coroutine is already entered it must be in ioq_submit()
         # and will notice luringcb.ret has been filled in when it checks.
         # Coroutines cannot be entered recursively so avoid doing that!
-        if not _coroutine_entered(co):
-            _aio_co_wake(co)
+        _wake_unless_entered(co)
     else:
         luringcb.cb(luringcb.opaque, luringcb.ret)
         qemu_aio_unref(luringcb)
@@ -796,6 +796,32 @@ def luring_co_submit(bs: Any, s: LuringState, fd: int, offset: int,
     luringcb.qiov = qiov
     luringcb.is_read = type == QEMU_AIO_READ
     luringcb.datasync = bool(datasync)
+    ret = _luring_do_submit(fd, luringcb, s, offset, type)
+    if ret < 0:
+        return ret
+    if luringcb.ret == _EINPROGRESS:
+        _coroutine_yield()
+    return luringcb.ret
+
+
+def luring_co_submit_direct(bs: Any, s: LuringState, fd: int, offset: int,
+                            qiov: QEMUIOVector, type: int) -> int:
+    """:func:`luring_co_submit` for a read or write whose arguments the
+    caller checked already (the file driver's coroutine path).  Still
+    refuses to run outside a coroutine (RuntimeError), before anything is
+    queued."""
+    try:
+        co = _tls_local.lt.co
+    except AttributeError:
+        co = None
+    if co is None:
+        raise RuntimeError("luring_co_submit must be called from a coroutine")
+    luringcb = LuringAIOCB(_info, bs, None, None)
+    luringcb.co = co
+    luringcb.state = s
+    luringcb.qiov = qiov
+    luringcb.is_read = type == QEMU_AIO_READ
+    luringcb.datasync = True
     ret = _luring_do_submit(fd, luringcb, s, offset, type)
     if ret < 0:
         return ret

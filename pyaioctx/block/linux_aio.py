@@ -72,11 +72,10 @@ from ..aio import (
     qemu_get_current_aio_context,
 )
 from ..aiocb import AIOCBInfo, BlockAIOCB, qemu_aio_get, qemu_aio_unref
-from ..coroutine import aio_co_wake as _aio_co_wake
-from ..coroutine import qemu_coroutine_entered as _coroutine_entered
 from ..coroutine import qemu_coroutine_self as _coroutine_self
 from ..coroutine import qemu_coroutine_yield as _coroutine_yield
 from ..coroutine import qemu_in_coroutine as _in_coroutine
+from ..coroutine._core import _wake_unless_entered
 from ..event_notifier import (
     EventNotifier,
     event_notifier_cleanup,
@@ -86,6 +85,7 @@ from ..event_notifier import (
 )
 from ..iov import QEMUIOVector
 from .._sys import aio_abi
+from .._tls import _local as _tls_local
 from .raw_aio import BDRV_SECTOR_SIZE, QEMU_AIO_FLUSH, QEMU_AIO_READ, QEMU_AIO_WRITE
 
 __all__ = [
@@ -98,6 +98,7 @@ __all__ = [
     "laio_attach_aio_context",
     "laio_detach_aio_context",
     "laio_co_submit",
+    "laio_co_submit_direct",
     "laio_submit",
     "laio_io_plug",
     "laio_io_unplug",
@@ -333,8 +334,7 @@ def _process_completion(laiocb: QemuLaiocb) -> None:
         # laio_co_submit (completion during ioq_submit) and will notice
         # laiocb.ret when it checks; coroutines cannot be entered
         # recursively, so don't (QEMU's fix for Launchpad #1362635).
-        if not _coroutine_entered(co):
-            _aio_co_wake(co)
+        _wake_unless_entered(co)
     else:
         laiocb.cb(laiocb.opaque, ret)
         # qemu_aio_unref, inlined (it raises on a freed AIOCB).
@@ -774,6 +774,73 @@ def laio_co_submit(bs: Any, s: LinuxAioState, fd: int, offset: int,
     ret = _laio_do_submit(s, fd, laiocb, offset, type)
     if ret < 0:
         return ret
+    if laiocb.ret == _EINPROGRESS:
+        _coroutine_yield()
+    return laiocb.ret
+
+
+def laio_co_submit_direct(bs: Any, s: LinuxAioState, fd: int, offset: int,
+                          qiov: QEMUIOVector, type: int) -> int:
+    """:func:`laio_co_submit` for a read or write whose arguments the caller
+    checked already (the file driver's coroutine path): same queueing
+    rules, same result, without the checks or helper calls.
+
+    Still refuses to run outside a coroutine (RuntimeError), before anything
+    is queued: it has to yield.
+    """
+    try:
+        co = _tls_local.lt.co
+    except AttributeError:
+        co = None
+    if co is None:
+        raise RuntimeError("laio_co_submit must be called from a coroutine")
+    if type == QEMU_AIO_READ:
+        op = _CMD_PREADV
+    elif type == QEMU_AIO_WRITE:
+        op = _CMD_PWRITEV
+    else:
+        return laio_co_submit(bs, s, fd, offset, qiov, type)
+    if _iocb_pack is None:  # pragma: no cover - big-endian hosts
+        return laio_co_submit(bs, s, fd, offset, qiov, type)
+    # QemuLaiocb.__init__ and _laio_do_submit, inlined (this runs for every
+    # request of the coroutine path).
+    laiocb = _new_laiocb(QemuLaiocb)
+    laiocb.aiocb_info = _info
+    laiocb.bs = bs
+    laiocb.cb = None
+    laiocb.opaque = None
+    laiocb.refcnt = 1
+    laiocb.co = co
+    laiocb.state = s
+    laiocb.ret = _EINPROGRESS
+    laiocb.nbytes = qiov.size
+    laiocb.qiov = qiov
+    laiocb.is_read = op == _CMD_PREADV
+    laiocb.done = False
+    free = s._free_iocbs
+    icb = free.pop() if free else _new_iocb(s)
+    laiocb.iocb = icb
+    laiocb.iocb_addr = _addressof(icb)
+    _iocb_req_pack(icb, _IOCB_REQ_OFFSET, op, 0, fd & 0xFFFFFFFF, qiov._iov_addr, qiov.niov,
+                   offset)
+    io_q = s.io_q
+    io_q.pending.append(laiocb)
+    io_q.in_queue += 1
+    if not io_q.blocked:
+        if io_q.plugged:
+            if io_q.in_queue >= _max_batch(s):
+                ioq_submit(s)
+        elif s.walk_depth:
+            # Woken by a completion walk, as almost every request of a
+            # coroutine at queue depth > 1 is: the walk submits the batch
+            # (see _laio_do_submit).
+            cap = s.aio_context.aio_max_batch
+            if io_q.in_queue >= s.walk_split or (cap and io_q.in_queue >= cap):
+                ioq_submit(s)
+            elif io_q.in_queue == 1:
+                qemu_bh_schedule(s.completion_bh)
+        else:
+            ioq_submit(s)
     if laiocb.ret == _EINPROGRESS:
         _coroutine_yield()
     return laiocb.ret
