@@ -271,6 +271,11 @@ class LinuxAioState:
         # = the iocb's own address, the eventfd flag and fd) are written
         # once, here; laio_submit_direct then writes only the request's own.
         self._free_iocbs: list = [_new_iocb(self) for _ in range(self.max_in_flight)]
+        # Free list of the coroutine path's QemuLaiocbs (laio_co_submit_direct):
+        # such a request is never handed to anyone, so once its coroutine
+        # has read the result nothing refers to it any more.  Holds at most
+        # as many as were ever waiting at once; they keep no references.
+        self._free_co_laiocbs: list[QemuLaiocb] = []
         self.submit_calls = 0
         self.getevents_calls = 0
 
@@ -460,17 +465,21 @@ def _walk_ring(s: LinuxAioState) -> bool:
             # re-read after it.
             io_q.in_flight -= 1
             s.event_idx = idx = idx + 1
-            if ret == laiocb.nbytes and laiocb.co is None:
+            if ret == laiocb.nbytes:
                 # _process_completion's common case, inlined: a full
-                # transfer on the callback path.
+                # transfer.
                 laiocb.ret = 0
                 laiocb.done = True
                 laiocb.qiov = None
-                laiocb.cb(laiocb.opaque, 0)
-                if laiocb.refcnt > 0:
-                    laiocb.refcnt -= 1
+                co = laiocb.co
+                if co is None:
+                    laiocb.cb(laiocb.opaque, 0)
+                    if laiocb.refcnt > 0:
+                        laiocb.refcnt -= 1
+                    else:
+                        qemu_aio_unref(laiocb)
                 else:
-                    qemu_aio_unref(laiocb)
+                    _wake_unless_entered(co)
             else:
                 laiocb.ret = ret
                 _process_completion(laiocb)
@@ -803,15 +812,20 @@ def laio_co_submit_direct(bs: Any, s: LinuxAioState, fd: int, offset: int,
     if _iocb_pack is None:  # pragma: no cover - big-endian hosts
         return laio_co_submit(bs, s, fd, offset, qiov, type)
     # QemuLaiocb.__init__ and _laio_do_submit, inlined (this runs for every
-    # request of the coroutine path).
-    laiocb = _new_laiocb(QemuLaiocb)
-    laiocb.aiocb_info = _info
+    # request of the coroutine path); a recycled request has the fields
+    # that are the same for all of them already.
+    free_co = s._free_co_laiocbs
+    if free_co:
+        laiocb = free_co.pop()
+    else:
+        laiocb = _new_laiocb(QemuLaiocb)
+        laiocb.aiocb_info = _info
+        laiocb.cb = None
+        laiocb.opaque = None
+        laiocb.refcnt = 1
+        laiocb.state = s
     laiocb.bs = bs
-    laiocb.cb = None
-    laiocb.opaque = None
-    laiocb.refcnt = 1
     laiocb.co = co
-    laiocb.state = s
     laiocb.ret = _EINPROGRESS
     laiocb.nbytes = qiov.size
     laiocb.qiov = qiov
@@ -843,7 +857,14 @@ def laio_co_submit_direct(bs: Any, s: LinuxAioState, fd: int, offset: int,
             ioq_submit(s)
     if laiocb.ret == _EINPROGRESS:
         _coroutine_yield()
-    return laiocb.ret
+    ret = laiocb.ret
+    if laiocb.done:
+        # Completed (the walk, a failed submit or cleanup set ``done`` and
+        # dropped the qiov and iocb): recycle it, holding nothing.
+        laiocb.bs = None
+        laiocb.co = None
+        free_co.append(laiocb)
+    return ret
 
 
 def laio_submit(bs: Any, s: LinuxAioState, fd: int, sector_num: int, qiov: QEMUIOVector,

@@ -136,7 +136,7 @@ class Coroutine:
         self._impl: Any = None
         self._exc: Optional[BaseException] = None
         self._lt: Any = None   # thread backend: the logical thread it runs for
-        self._ret: Any = None  # thread backend: whom to wake on yield/terminate
+        self._ret: Any = None  # whom a yield goes to (thread: its waiter; greenlet: parent)
 
     # Pythonic face ------------------------------------------------------
     def enter(self) -> None:

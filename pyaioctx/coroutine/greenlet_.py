@@ -36,6 +36,9 @@ class GreenletBackend:
 
     ``co._impl`` is the coroutine's greenlet from its first enter until it
     terminates; only the OS thread that created it touches it.
+    ``co._ret`` is that greenlet's parent (the greenlet that last entered
+    it, where a yield goes), kept next to it so that neither a yield nor a
+    re-enter from the same greenlet reads the parent from greenlet.
     ``_local.pool`` parked greenlets of the calling OS thread; that thread only.
     """
 
@@ -90,23 +93,25 @@ class GreenletBackend:
                 if g.parent is not cur:
                     g.parent = cur
             to._impl = g
+            to._ret = cur
             lt.co = to
             ret = g.switch(to)
         else:
-            if g.parent is not cur:
+            if to._ret is not cur:
                 try:
                     g.parent = cur
                 except ValueError as e:  # "parent cannot be on a different thread"
                     raise CoroutineError(
                         f"qemu_coroutine_enter: coroutine {to.name!r} was started in another "
                         "OS thread; a greenlet coroutine never changes thread") from e
+                to._ret = cur
             lt.co = to
             ret = g.switch()
         lt.co = from_ if from_._backend is not None else None
         return ret
 
     def yield_(self, lt: Any, co: Coroutine) -> None:
-        co._impl.parent.switch(COROUTINE_YIELD)
+        co._ret.switch(COROUTINE_YIELD)  # co._impl.parent
 
     def cleanup(self) -> int:
         """Finish the calling thread's parked greenlets (QEMU's
