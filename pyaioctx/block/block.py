@@ -2124,7 +2124,7 @@ def _blk_aio_entry(acb: BlkAioEmAIOCB) -> None:
 def _blk_aio_read_entry(acb: BlkAioEmAIOCB) -> None:
     # Port of blk_aio_read_entry; the arguments were checked at submit.
     qiov = acb.qiov
-    acb.ret = _preadv_checked(acb.bs, acb.offset, qiov.size, qiov, 0, acb.flags)
+    acb.ret = bdrv_co_preadv(acb.bs, acb.offset, qiov.size, qiov, acb.flags)
     acb.qiov = None
     if acb.has_returned:  # else the submit schedules the completion BH
         _blk_aio_complete(acb)
@@ -2133,7 +2133,7 @@ def _blk_aio_read_entry(acb: BlkAioEmAIOCB) -> None:
 def _blk_aio_write_entry(acb: BlkAioEmAIOCB) -> None:
     # Port of blk_aio_write_entry.
     qiov = acb.qiov
-    acb.ret = _pwritev_checked(acb.bs, acb.offset, qiov.size, qiov, 0, acb.flags)
+    acb.ret = bdrv_co_pwritev(acb.bs, acb.offset, qiov.size, qiov, acb.flags)
     acb.qiov = None
     if acb.has_returned:  # else the submit schedules the completion BH
         _blk_aio_complete(acb)
