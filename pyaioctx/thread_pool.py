@@ -78,6 +78,7 @@ from .aio import (
     qemu_bh_schedule,
 )
 from .aiocb import AIOCBInfo, BlockAIOCB, BlockCompletionFunc
+from ._tls import _local as _tls_local
 
 __all__ = [
     "ThreadPool",
@@ -692,16 +693,22 @@ def _coroutine_api() -> tuple:
     if _co_api is None:
         # Imported lazily: the coroutine package imports the event loop,
         # and the pool must not force a coroutine backend to load.
-        from .coroutine import (aio_co_wake, qemu_coroutine_self,
-                                qemu_coroutine_yield, qemu_in_coroutine)
-        _co_api = (qemu_in_coroutine, qemu_coroutine_self, qemu_coroutine_yield,
-                   aio_co_wake)
+        from .coroutine import aio_co_wake, qemu_coroutine_yield
+        from .coroutine._core import _wake_unless_entered
+        _co_api = (qemu_coroutine_yield, aio_co_wake, _wake_unless_entered)
     return _co_api
 
 
 def _thread_pool_co_cb(co: Any, ret: int) -> None:
     """Port of ``thread_pool_co_cb``.  ret stays in the element itself."""
-    _co_api[3](co)  # type: ignore[index]
+    if co.caller is None:
+        # aio_co_wake of a coroutine that is not entered: the coroutine
+        # package's one-call form of it.
+        _co_api[2](co)  # type: ignore[index]
+    else:
+        # Entered (its context is another thread's, where it has not
+        # yielded yet): aio_co_wake schedules it there.
+        _co_api[1](co)  # type: ignore[index]
 
 
 def thread_pool_submit_co(pool: ThreadPool, func: ThreadPoolFunc, arg: Any = None) -> int:
@@ -710,10 +717,14 @@ def thread_pool_submit_co(pool: ThreadPool, func: ThreadPoolFunc, arg: Any = Non
     :func:`thread_pool_submit_aio`).  Coroutine only: RuntimeError outside
     one.
     """
-    in_co, co_self, co_yield, _ = _co_api or _coroutine_api()
-    if not in_co():
+    co_yield = (_co_api or _coroutine_api())[0]
+    try:
+        co = _tls_local.lt.co
+    except AttributeError:
+        co = None
+    if co is None:
         raise RuntimeError("thread_pool_submit_co must be called from a coroutine")
-    req = thread_pool_submit_aio(pool, func, arg, _thread_pool_co_cb, co_self())
+    req = thread_pool_submit_aio(pool, func, arg, _thread_pool_co_cb, co)
     co_yield()
     return req.ret
 

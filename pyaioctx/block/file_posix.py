@@ -611,16 +611,25 @@ def _make_raw_co_prw(type: int, name: str, doc: str) -> Callable[..., int]:
     def raw_co_prw(bs: BlockDriverState, offset: int, bytes: int, qiov: QEMUIOVector,
                    flags: int) -> int:
         s: BDRVRawState = bs.opaque
-        engine = s.engine
-        if engine is not None and s.fd >= 0 and s.aio_state is not None:
+        if s.fd >= 0:
             if not s.needs_alignment:
-                return engine.co_submit_direct(bs, s.aio_state, s.fd, offset, qiov, type)
-            if qiov.niov == 1:
+                usable = True
+            elif qiov.niov == 1:
                 # bdrv_qiov_is_aligned for the usual single buffer, inlined.
-                if not (qiov._addrs[0] | qiov.size) & (bs.bl.min_mem_alignment - 1):
-                    return engine.co_submit_direct(bs, s.aio_state, s.fd, offset, qiov, type)
-            elif bdrv_qiov_is_aligned(bs, qiov):
-                return engine.co_submit_direct(bs, s.aio_state, s.fd, offset, qiov, type)
+                usable = not (qiov._addrs[0] | qiov.size) & (bs.bl.min_mem_alignment - 1)
+            else:
+                usable = bdrv_qiov_is_aligned(bs, qiov)
+            if usable:
+                engine = s.engine
+                if engine is not None:
+                    if s.aio_state is not None:
+                        return engine.co_submit_direct(bs, s.aio_state, s.fd, offset, qiov, type)
+                elif not (s.try_nowait and type == QEMU_AIO_READ) and qiov.niov <= _IOV_MAX:
+                    # The pool, without a bounce buffer (_raw_co_prw's last case).
+                    acb = _RawAIOCB(s, offset, bytes, type)
+                    acb.views = qiov.views
+                    return thread_pool_submit_co(aio_get_thread_pool(bs.aio_context),
+                                                 _handle_aiocb_rw, acb)
         return _raw_co_prw(bs, offset, bytes, qiov, type)
 
     raw_co_prw.__name__ = raw_co_prw.__qualname__ = name
