@@ -36,7 +36,6 @@ import logging
 import os
 import threading
 import time
-import weakref
 from typing import Any, Callable, Optional
 
 from . import _tls

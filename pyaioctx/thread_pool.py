@@ -78,7 +78,6 @@ from .aio import (
     qemu_bh_schedule,
 )
 from .aiocb import AIOCBInfo, BlockAIOCB, BlockCompletionFunc
-from ._tls import _local as _tls_local
 
 __all__ = [
     "ThreadPool",
@@ -694,8 +693,8 @@ def _coroutine_api() -> tuple:
         # Imported lazily: the coroutine package imports the event loop,
         # and the pool must not force a coroutine backend to load.
         from .coroutine import aio_co_wake, qemu_coroutine_yield
-        from .coroutine._core import _wake_unless_entered
-        _co_api = (qemu_coroutine_yield, aio_co_wake, _wake_unless_entered)
+        from .coroutine._core import _require_coroutine, _wake_unless_entered
+        _co_api = (qemu_coroutine_yield, aio_co_wake, _wake_unless_entered, _require_coroutine)
     return _co_api
 
 
@@ -715,15 +714,10 @@ def thread_pool_submit_co(pool: ThreadPool, func: ThreadPoolFunc, arg: Any = Non
     """Port of ``thread_pool_submit_co``: run func(arg) on a worker, yield
     until it is done, and return its result (or ``-errno`` as for
     :func:`thread_pool_submit_aio`).  Coroutine only: RuntimeError outside
-    one.
+    one (NotInCoroutineError).
     """
-    co_yield = (_co_api or _coroutine_api())[0]
-    try:
-        co = _tls_local.lt.co
-    except AttributeError:
-        co = None
-    if co is None:
-        raise RuntimeError("thread_pool_submit_co must be called from a coroutine")
+    co_yield, _, _, require_co = _co_api or _coroutine_api()
+    co = require_co("thread_pool_submit_co")
     req = thread_pool_submit_aio(pool, func, arg, _thread_pool_co_cb, co)
     co_yield()
     return req.ret

@@ -1580,26 +1580,33 @@ def bdrv_co_pwritev_part(bs: BlockDriverState, offset: int, bytes: int, qiov: QE
     return _pwritev_checked(bs, offset, bytes, qiov, qiov_offset, flags)
 
 
-class _CoDirectReq:
-    """The tracked request of a coroutine request on the direct path (see
-    _make_bdrv_co_rw): _TrackedRequest's fields, the ones that never change
-    for such a request at class level.  Home thread only."""
+class _DirectTracked:
+    """_TrackedRequest's interface for a request of a direct path (the
+    callback one's _DirectAIOCB, the coroutine one's _CoDirectReq): such a
+    request is never serialising and never waits -- a direct path is only
+    taken while no serialising request is in flight, and the request
+    reaches the driver without yielding first -- so those fields are
+    constants and its overlap is its own range."""
 
-    __slots__ = ("bs", "offset", "bytes", "type", "wait_queue", "co")
+    __slots__ = ()
 
-    # Never serialising and never waiting: the direct path is only taken
-    # while no serialising request is in flight, and it does not yield
-    # before the driver has the request.
     serialising = False
     waiting_for = None
 
     @property
     def overlap_offset(self) -> int:
-        return self.offset
+        return self.offset  # type: ignore[attr-defined,no-any-return]
 
     @property
     def overlap_bytes(self) -> int:
-        return self.bytes
+        return self.bytes  # type: ignore[attr-defined,no-any-return]
+
+
+class _CoDirectReq(_DirectTracked):
+    """The tracked request of a coroutine request on the direct path (see
+    _make_bdrv_co_rw).  Home thread only."""
+
+    __slots__ = ("bs", "offset", "bytes", "type", "wait_queue", "co")
 
 
 # Longer requests take the general path, which splits at max_transfer.
@@ -2194,7 +2201,7 @@ def _blk_aio_prwv(fn: str, bs: BlockDriverState, call: Callable[[], int],
 # never before the submit returned, and exactly once.
 
 
-class _DirectAIOCB(BlockAIOCB):
+class _DirectAIOCB(BlockAIOCB, _DirectTracked):
     """A request on the direct path: the AIOCB its caller gets and, at the
     same time, its tracked request (it has _TrackedRequest's fields, so
     serialising requests find it in ``bs.tracked_requests``).
@@ -2206,19 +2213,7 @@ class _DirectAIOCB(BlockAIOCB):
     __slots__ = ("offset", "bytes", "type", "wait_queue", "inner", "start", "has_returned",
                  "ret")
 
-    # _TrackedRequest fields that never change for a direct request: it is
-    # never serialising, never waits, and belongs to no coroutine.
-    serialising = False
-    waiting_for = None
-    co = None
-
-    @property
-    def overlap_offset(self) -> int:
-        return self.offset
-
-    @property
-    def overlap_bytes(self) -> int:
-        return self.bytes
+    co = None  # it belongs to no coroutine
 
 
 def _direct_cancel_async(acb: _DirectAIOCB) -> None:

@@ -89,10 +89,9 @@ from ..aio import (
     qemu_bh_schedule,
 )
 from ..aiocb import AIOCBInfo, BlockAIOCB, qemu_aio_unref
-from ..coroutine import qemu_coroutine_self as _coroutine_self
 from ..coroutine import qemu_coroutine_yield as _coroutine_yield
 from ..coroutine import qemu_in_coroutine as _in_coroutine
-from ..coroutine._core import _wake_unless_entered
+from ..coroutine._core import _require_coroutine, _wake_unless_entered
 from ..event_notifier import (
     EventNotifier,
     event_notifier_cleanup,
@@ -102,7 +101,6 @@ from ..event_notifier import (
 )
 from ..iov import QEMUIOVector
 from .._sys import io_uring_abi
-from .._tls import _local as _tls_local
 from .linux_aio import LaioQueue
 from .raw_aio import QEMU_AIO_FLUSH, QEMU_AIO_READ, QEMU_AIO_WRITE
 
@@ -787,41 +785,23 @@ def luring_co_submit(bs: Any, s: LuringState, fd: int, offset: int,
     before the coroutine would yield (a completion reaped right after
     io_uring_enter); then it returns without yielding.
     """
-    if not _in_coroutine():
-        raise RuntimeError("luring_co_submit must be called from a coroutine")
+    _require_coroutine("luring_co_submit")
     _check_submit_args(s, fd, offset, qiov, type, "luring_co_submit")
-    luringcb = LuringAIOCB(_info, bs, None, None)
-    luringcb.co = _coroutine_self()
-    luringcb.state = s
-    luringcb.qiov = qiov
-    luringcb.is_read = type == QEMU_AIO_READ
-    luringcb.datasync = bool(datasync)
-    ret = _luring_do_submit(fd, luringcb, s, offset, type)
-    if ret < 0:
-        return ret
-    if luringcb.ret == _EINPROGRESS:
-        _coroutine_yield()
-    return luringcb.ret
+    return luring_co_submit_direct(bs, s, fd, offset, qiov, type, bool(datasync))
 
 
 def luring_co_submit_direct(bs: Any, s: LuringState, fd: int, offset: int,
-                            qiov: QEMUIOVector, type: int) -> int:
-    """:func:`luring_co_submit` for a read or write whose arguments the
-    caller checked already (the file driver's coroutine path).  Still
-    refuses to run outside a coroutine (RuntimeError), before anything is
-    queued."""
-    try:
-        co = _tls_local.lt.co
-    except AttributeError:
-        co = None
-    if co is None:
-        raise RuntimeError("luring_co_submit must be called from a coroutine")
+                            qiov: Optional[QEMUIOVector], type: int,
+                            datasync: bool = True) -> int:
+    """:func:`luring_co_submit` for a caller that checked the arguments
+    already (the file driver's coroutine path).  Still refuses to run
+    outside a coroutine (NotInCoroutineError), before anything is queued."""
     luringcb = LuringAIOCB(_info, bs, None, None)
-    luringcb.co = co
+    luringcb.co = _require_coroutine("luring_co_submit")
     luringcb.state = s
     luringcb.qiov = qiov
     luringcb.is_read = type == QEMU_AIO_READ
-    luringcb.datasync = True
+    luringcb.datasync = datasync
     ret = _luring_do_submit(fd, luringcb, s, offset, type)
     if ret < 0:
         return ret

@@ -69,13 +69,12 @@ from ..aio import (
     qemu_bh_cancel,
     qemu_bh_delete,
     qemu_bh_schedule,
-    qemu_get_current_aio_context,
 )
-from ..aiocb import AIOCBInfo, BlockAIOCB, qemu_aio_get, qemu_aio_unref
+from ..aiocb import AIOCBInfo, BlockAIOCB, qemu_aio_unref
 from ..coroutine import qemu_coroutine_self as _coroutine_self
 from ..coroutine import qemu_coroutine_yield as _coroutine_yield
 from ..coroutine import qemu_in_coroutine as _in_coroutine
-from ..coroutine._core import _wake_unless_entered
+from ..coroutine._core import _require_coroutine, _wake_unless_entered
 from ..event_notifier import (
     EventNotifier,
     event_notifier_cleanup,
@@ -794,15 +793,15 @@ def laio_co_submit_direct(bs: Any, s: LinuxAioState, fd: int, offset: int,
     checked already (the file driver's coroutine path): same queueing
     rules, same result, without the checks or helper calls.
 
-    Still refuses to run outside a coroutine (RuntimeError), before anything
-    is queued: it has to yield.
+    Still refuses to run outside a coroutine (NotInCoroutineError), before
+    anything is queued: it has to yield.
     """
     try:
         co = _tls_local.lt.co
     except AttributeError:
         co = None
     if co is None:
-        raise RuntimeError("laio_co_submit must be called from a coroutine")
+        _require_coroutine("laio_co_submit")  # raises
     if type == QEMU_AIO_READ:
         op = _CMD_PREADV
     elif type == QEMU_AIO_WRITE:

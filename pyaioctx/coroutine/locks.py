@@ -34,7 +34,6 @@ from contextlib import contextmanager
 from ._core import (
     Coroutine,
     CoroutineError,
-    _current_lt,
     _require_coroutine,
     aio_co_wake,
     qemu_coroutine_yield,

@@ -34,7 +34,7 @@ import logging
 import os
 import socket
 import struct
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from ..aio import (
     AioContext,
