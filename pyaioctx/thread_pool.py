@@ -78,6 +78,7 @@ from .aio import (
     qemu_bh_schedule,
 )
 from .aiocb import AIOCBInfo, BlockAIOCB, BlockCompletionFunc
+from ._tls import _local as _tls_local
 
 __all__ = [
     "ThreadPool",
@@ -580,27 +581,35 @@ def _thread_pool_completion_bh(pool: ThreadPool) -> None:
     done = pool._done
     bh = pool.completion_bh
     while done:
-        elem = done.popleft()
-        pool._completed += 1
-        cb = elem.cb
-        if cb is None:
+        while done:
+            elem = done.popleft()
+            pool._completed += 1
+            cb = elem.cb
+            if cb is None:
+                elem.refcnt -= 1
+                continue
+            # Be scheduled while cb() runs, in case it calls aio_poll() to
+            # wait for another request that completed at the same time.
+            # QEMU schedules before and cancels after every callback; here
+            # the BH stays scheduled from one callback to the next, and is
+            # scheduled again only if a nested aio_poll ran it meanwhile
+            # (only this thread clears the flag, so reading it without the
+            # lock cannot miss that).
+            if not bh.flags & BH_SCHEDULED:
+                qemu_bh_schedule(bh)
+            try:
+                cb(elem.opaque, elem.ret)
+            except BaseException:
+                # The BH stays scheduled, so the rest is delivered by the
+                # next aio_bh_poll; the exception propagates out of aio_poll.
+                elem.refcnt -= 1
+                raise
             elem.refcnt -= 1
-            continue
-        # Schedule ourselves in case cb() calls aio_poll() to wait for
-        # another request that completed at the same time.
-        qemu_bh_schedule(bh)
-        try:
-            cb(elem.opaque, elem.ret)
-        except BaseException:
-            # The BH stays scheduled, so the rest is delivered by the next
-            # aio_bh_poll; the exception propagates out of aio_poll.
-            elem.refcnt -= 1
-            raise
         # We can safely cancel the completion BH here regardless of someone
-        # else having scheduled it meanwhile, because we go on draining the
-        # queue anyway (QEMU: goto restart).
+        # else having scheduled it meanwhile, because we check the queue
+        # once more anyway (QEMU: goto restart) -- and a worker that saw it
+        # scheduled had queued its request before looking.
         qemu_bh_cancel(bh)
-        elem.refcnt -= 1
 
 
 def _thread_pool_cancel(acb: BlockAIOCB) -> None:
@@ -717,7 +726,12 @@ def thread_pool_submit_co(pool: ThreadPool, func: ThreadPoolFunc, arg: Any = Non
     one (NotInCoroutineError).
     """
     co_yield, _, _, require_co = _co_api or _coroutine_api()
-    co = require_co("thread_pool_submit_co")
+    try:
+        co = _tls_local.lt.co  # _require_coroutine's answer, without its call
+    except AttributeError:
+        co = None
+    if co is None:
+        require_co("thread_pool_submit_co")  # raises
     req = thread_pool_submit_aio(pool, func, arg, _thread_pool_co_cb, co)
     co_yield()
     return req.ret
