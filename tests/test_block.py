@@ -586,27 +586,38 @@ def test_aio_direct_path_round_trip_and_accounting(disk_dir, aio_backend):
         assert bdrv_get_stats(bs).rd_operations == 1
 
 
-def test_unaligned_write_waits_for_direct_request(disk_dir, aio_backend):
-    """A read-modify-write that overlaps a direct request in flight waits
-    for it, so the direct write is never undone by a stale read."""
+@pytest.mark.parametrize("api", ["callback", "coroutine"])
+def test_unaligned_write_waits_for_direct_request(disk_dir, aio_backend, api):
+    """A read-modify-write that overlaps a direct request in flight (the
+    callback path's or the coroutine path's) waits for it, so the direct
+    write is never undone by a stale read."""
     if not aio_backend.direct:
         pytest.skip("buffered I/O needs no read-modify-write (request_alignment 1)")
-    from pyaioctx.block.block import _DirectAIOCB
+    from pyaioctx.block.block import _CoDirectReq, _DirectAIOCB
     path = disk_dir / "img"
     old = make_image(path, SIZE)
     with open_image(path, aio_backend) as bs:
         wbuf, wmv = _aligned_buf(4096)
         wmv[:] = b"A" * 4096
-        done = []
-        a = bdrv_aio_pwritev(bs, 0, QEMUIOVector(wmv), 0, lambda o, r: done.append((o, r)), "A")
-        assert isinstance(a, _DirectAIOCB)
-        b = bdrv_aio_pwritev(bs, 100, QEMUIOVector(bytearray(b"B" * 10)), 0,
-                             lambda o, r: done.append((o, r)), "B")
-        assert not isinstance(b, _DirectAIOCB)
-        waiting = [r.waiting_for for r in bs.tracked_requests if r is not a]
-        assert a in waiting, "the read-modify-write did not wait for the direct write"
-        _wait(lambda: len(done) == 2)
-        assert done == [("A", 0), ("B", 0)]
+        qa, qb = QEMUIOVector(wmv), QEMUIOVector(bytearray(b"B" * 10))
+        if api == "callback":
+            done = []
+            req_a = bdrv_aio_pwritev(bs, 0, qa, 0, lambda o, r: done.append((o, r)), "A")
+            assert isinstance(req_a, _DirectAIOCB)
+            b = bdrv_aio_pwritev(bs, 100, qb, 0, lambda o, r: done.append((o, r)), "B")
+            assert not isinstance(b, _DirectAIOCB)
+            results = lambda: done  # noqa: E731
+        else:
+            a = _co_start(bdrv_co_pwritev, bs, 0, 4096, qa)
+            (req_a,) = bs.tracked_requests
+            assert type(req_a) is _CoDirectReq
+            b = _co_start(bdrv_co_pwritev, bs, 100, 10, qb)
+            results = lambda: [("A", r) for r in a] + [("B", r) for r in b]  # noqa: E731
+        waiting = [r.waiting_for for r in bs.tracked_requests if r is not req_a]
+        assert waiting == [req_a], "the read-modify-write did not wait for the direct write"
+        assert req_a.wait_queue is not None
+        _wait(lambda: len(results()) == 2)
+        assert results() == [("A", 0), ("B", 0)]
         assert bs.read(0, 4096) == b"A" * 100 + b"B" * 10 + b"A" * 3986
         assert bs.read(4096, 4096) == old[4096:8192]
 
@@ -726,30 +737,6 @@ def test_co_direct_path_on_read_only_device_is_eperm(disk_dir, aio_backend):
         out = _co_start(bdrv_co_preadv, bs, 0, 4096, QEMUIOVector(mv))
         _wait(lambda: out)
         assert out == [0] and bytes(mv) == data[:4096]
-
-
-def test_unaligned_write_waits_for_co_direct_request(disk_dir, aio_backend):
-    """A read-modify-write that overlaps a coroutine direct write in flight
-    waits for it, so the direct write is never undone by a stale read."""
-    if not aio_backend.direct:
-        pytest.skip("buffered I/O needs no read-modify-write (request_alignment 1)")
-    from pyaioctx.block.block import _CoDirectReq
-    path = disk_dir / "img"
-    old = make_image(path, SIZE)
-    with open_image(path, aio_backend) as bs:
-        wbuf, wmv = _aligned_buf(4096)
-        wmv[:] = b"A" * 4096
-        a = _co_start(bdrv_co_pwritev, bs, 0, 4096, QEMUIOVector(wmv))
-        (req_a,) = bs.tracked_requests
-        assert type(req_a) is _CoDirectReq
-        b = _co_start(bdrv_co_pwritev, bs, 100, 10, QEMUIOVector(bytearray(b"B" * 10)))
-        waiting = [r.waiting_for for r in bs.tracked_requests if r is not req_a]
-        assert waiting == [req_a], "the read-modify-write did not wait for the direct write"
-        assert req_a.wait_queue is not None
-        _wait(lambda: a and b)
-        assert (a, b) == ([0], [0])
-        assert bs.read(0, 4096) == b"A" * 100 + b"B" * 10 + b"A" * 3986
-        assert bs.read(4096, 4096) == old[4096:8192]
 
 
 def test_co_direct_path_driver_errors():

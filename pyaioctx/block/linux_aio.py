@@ -790,8 +790,11 @@ def laio_co_submit(bs: Any, s: LinuxAioState, fd: int, offset: int,
 def laio_co_submit_direct(bs: Any, s: LinuxAioState, fd: int, offset: int,
                           qiov: QEMUIOVector, type: int) -> int:
     """:func:`laio_co_submit` for a read or write whose arguments the caller
-    checked already (the file driver's coroutine path): same queueing
-    rules, same result, without the checks or helper calls.
+    checked already (the file driver's coroutine path): same result,
+    without the checks or helper calls.  Every request of the coroutine
+    path runs through here, so QemuLaiocb.__init__ and _laio_do_submit are
+    inlined, as in :func:`laio_submit_direct`; the queueing rules are
+    _laio_do_submit's.
 
     Still refuses to run outside a coroutine (NotInCoroutineError), before
     anything is queued: it has to yield.
@@ -810,9 +813,8 @@ def laio_co_submit_direct(bs: Any, s: LinuxAioState, fd: int, offset: int,
         return laio_co_submit(bs, s, fd, offset, qiov, type)
     if _iocb_pack is None:  # pragma: no cover - big-endian hosts
         return laio_co_submit(bs, s, fd, offset, qiov, type)
-    # QemuLaiocb.__init__ and _laio_do_submit, inlined (this runs for every
-    # request of the coroutine path); a recycled request has the fields
-    # that are the same for all of them already.
+    # A recycled request has the fields that are the same for all of them
+    # already.
     free_co = s._free_co_laiocbs
     if free_co:
         laiocb = free_co.pop()
