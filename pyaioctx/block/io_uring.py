@@ -793,8 +793,8 @@ def luring_co_submit(bs: Any, s: LuringState, fd: int, offset: int,
 def luring_co_submit_direct(bs: Any, s: LuringState, fd: int, offset: int,
                             qiov: Optional[QEMUIOVector], type: int,
                             datasync: bool = True) -> int:
-    """:func:`luring_co_submit` for a caller that checked the arguments
-    already (the file driver's coroutine path).  Still refuses to run
+    """:func:`luring_co_submit` (pyaioctx addition) for a caller that
+    checked the arguments already (the file driver's coroutine path).  Still refuses to run
     outside a coroutine (NotInCoroutineError), before anything is queued."""
     luringcb = LuringAIOCB(_info, bs, None, None)
     luringcb.co = _require_coroutine("luring_co_submit")

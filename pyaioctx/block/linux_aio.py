@@ -789,7 +789,8 @@ def laio_co_submit(bs: Any, s: LinuxAioState, fd: int, offset: int,
 
 def laio_co_submit_direct(bs: Any, s: LinuxAioState, fd: int, offset: int,
                           qiov: QEMUIOVector, type: int) -> int:
-    """:func:`laio_co_submit` for a read or write whose arguments the caller
+    """:func:`laio_co_submit` (pyaioctx addition: QEMU's file driver calls
+    laio_co_submit itself) for a read or write whose arguments the caller
     checked already (the file driver's coroutine path): same result,
     without the checks or helper calls.  Every request of the coroutine
     path runs through here, so QemuLaiocb.__init__ and _laio_do_submit are
