@@ -580,6 +580,7 @@ def _thread_pool_completion_bh(pool: ThreadPool) -> None:
     """Port of ``thread_pool_completion_bh``: deliver finished requests."""
     done = pool._done
     bh = pool.completion_bh
+    lt = None  # this thread's coroutine state, read at the first coroutine wake
     while done:
         while done:
             elem = done.popleft()
@@ -597,6 +598,17 @@ def _thread_pool_completion_bh(pool: ThreadPool) -> None:
             # lock cannot miss that).
             if not bh.flags & BH_SCHEDULED:
                 qemu_bh_schedule(bh)
+            if cb is _thread_pool_co_cb and elem.opaque.caller is None:
+                # _thread_pool_co_cb's usual case, inlined, with this
+                # thread's state read once for all the coroutines this BH
+                # wakes.
+                if lt is None:
+                    lt = getattr(_tls_local, "lt", None)
+                try:
+                    _co_api[2](elem.opaque, lt)  # type: ignore[index]
+                finally:
+                    elem.refcnt -= 1
+                continue
             try:
                 cb(elem.opaque, elem.ret)
             except BaseException:
@@ -725,15 +737,19 @@ def thread_pool_submit_co(pool: ThreadPool, func: ThreadPoolFunc, arg: Any = Non
     :func:`thread_pool_submit_aio`).  Coroutine only: RuntimeError outside
     one (NotInCoroutineError).
     """
-    co_yield, _, _, require_co = _co_api or _coroutine_api()
+    require_co = (_co_api or _coroutine_api())[3]
     try:
-        co = _tls_local.lt.co  # _require_coroutine's answer, without its call
+        lt = _tls_local.lt
     except AttributeError:
-        co = None
+        lt = None
+    co = lt.co if lt is not None else None  # _require_coroutine's answer, without its call
     if co is None:
         require_co("thread_pool_submit_co")  # raises
     req = thread_pool_submit_aio(pool, func, arg, _thread_pool_co_cb, co)
-    co_yield()
+    # qemu_coroutine_yield, inlined: this thread's state and the running
+    # coroutine are in hand already.
+    co.caller = None
+    co._backend.yield_(lt, co)
     return req.ret
 
 

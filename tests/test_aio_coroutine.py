@@ -178,14 +178,22 @@ def test_aio_co_wake_from_bh(co_backend, ctx):
     assert log == ["submit", "bh", "completed"] and co.terminated
 
 
-def test_engine_wake_matches_aio_co_wake(co_backend, ctx):
+@pytest.mark.parametrize("pass_lt", [False, True], ids=["reads-lt", "lt-given"])
+def test_engine_wake_matches_aio_co_wake(co_backend, ctx, pass_lt):
     """The I/O engines' completion wake (``if not qemu_coroutine_entered:
     aio_co_wake``, as one call): a coroutine that yields again, one that
     wakes another before yielding (that one runs next, before the BH's
     caller goes on), one that terminates, an entered coroutine (left
-    alone), and a wake from inside a coroutine (queued until it yields)."""
-    from pyaioctx.coroutine._core import _wake_unless_entered
+    alone), and a wake from inside a coroutine (queued until it yields).
+    The same whether the wake reads the thread's state itself or is handed
+    it, as a completion walk does."""
+    from pyaioctx._tls import current
+    from pyaioctx.coroutine._core import _wake_unless_entered as _wake
+    lt = current() if pass_lt else None
     log = []
+
+    def _wake_unless_entered(co):
+        _wake(co, lt)
 
     def sleeper(name):
         log.append(f"{name} start")
@@ -196,8 +204,8 @@ def test_engine_wake_matches_aio_co_wake(co_backend, ctx):
             qemu_coroutine_yield()
             log.append("a again")
         elif name == "c":
-            _wake_unless_entered(C.qemu_coroutine_self())  # entered: ignored
-            _wake_unless_entered(d)  # from a coroutine: after c ends
+            _wake(C.qemu_coroutine_self())  # entered: ignored
+            _wake(d)  # from a coroutine: after c ends
             log.append("c ends")
 
     a, b, c, d = (qemu_coroutine_create(sleeper, n) for n in "abcd")

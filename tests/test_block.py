@@ -622,6 +622,42 @@ def test_unaligned_write_waits_for_direct_request(disk_dir, aio_backend, api):
         assert bs.read(4096, 4096) == old[4096:8192]
 
 
+def test_co_direct_tracked_requests_are_recycled(disk_dir, aio_backend):
+    """The coroutine path's tracked requests are reused: one that a
+    read-modify-write waited for comes back clean (no wait queue, no
+    coroutine), is tracked again with the next request's range, and close
+    drops the spare ones."""
+    if not aio_backend.direct:
+        pytest.skip("buffered I/O needs no read-modify-write (request_alignment 1)")
+    from pyaioctx.block.block import _CoDirectReq
+    path = disk_dir / "img"
+    make_image(path, SIZE)
+    bs = open_image(path, aio_backend)
+    try:
+        wbuf, wmv = _aligned_buf(4096)
+        wmv[:] = b"A" * 4096
+        a = _co_start(bdrv_co_pwritev, bs, 0, 4096, QEMUIOVector(wmv))
+        (req_a,) = bs.tracked_requests
+        b = _co_start(bdrv_co_pwritev, bs, 100, 10, QEMUIOVector(bytearray(b"B" * 10)))
+        assert req_a.wait_queue is not None
+        _wait(lambda: a and b)
+        assert a == [0] and b == [0]
+        assert list(bs._co_direct_free) == [req_a]
+        assert req_a.wait_queue is None and req_a.co is None
+        c = _co_start(bdrv_co_pwritev, bs, 8192, 4096, QEMUIOVector(wmv))
+        (req_c,) = bs.tracked_requests
+        assert req_c is req_a and type(req_c) is _CoDirectReq
+        assert (req_c.offset, req_c.bytes, req_c.wait_queue) == (8192, 4096, None)
+        assert req_c.co is not None and not bs._co_direct_free
+        _wait(lambda: c)
+        assert c == [0]
+        assert bs.read(0, 4096) == b"A" * 100 + b"B" * 10 + b"A" * 3986
+        assert bs.read(8192, 4096) == b"A" * 4096
+    finally:
+        bdrv_close(bs)
+    assert not bs._co_direct_free
+
+
 def test_direct_path_declines_misaligned_buffer(disk_dir, aio_backend):
     """O_DIRECT with a buffer the device cannot use: the file driver
     declines the direct path and the coroutine path bounces it."""

@@ -461,6 +461,9 @@ class BlockDriverState:
         # ordered set) so that ending one is O(1) at any queue depth.
         self.tracked_requests: dict[_TrackedRequest, None] = {}
         self.serialising_in_flight = 0
+        # The coroutine direct path's tracked requests, recycled (see
+        # _CoDirectReq); home thread only.
+        self._co_direct_free: collections.deque[_CoDirectReq] = collections.deque()
         self.write_gen = 0
         self.flushed_gen = 0
         self.active_flush_req = False
@@ -871,6 +874,7 @@ def _bdrv_close(bs: BlockDriverState) -> None:
             drv.bdrv_close(bs)
     finally:
         bs.drv = None
+        bs._co_direct_free.clear()  # each of them refers to bs
         children, bs.children, bs.file = bs.children, [], None
         for child in children:
             if not child.closed:
@@ -1604,7 +1608,13 @@ class _DirectTracked:
 
 class _CoDirectReq(_DirectTracked):
     """The tracked request of a coroutine request on the direct path (see
-    _make_bdrv_co_rw).  Home thread only."""
+    _make_bdrv_co_rw).  Home thread only.
+
+    Recycled through ``bs._co_direct_free``: once a request has left
+    ``bs.tracked_requests`` and woken its waiters, nothing reads it any
+    more (a woken waiter scans ``tracked_requests`` again; the
+    ``waiting_for`` it still holds is only compared with None).  ``bs`` is
+    set once; ``wait_queue`` is None again when it goes back."""
 
     __slots__ = ("bs", "offset", "bytes", "type", "wait_queue", "co")
 
@@ -1658,12 +1668,16 @@ def _make_bdrv_co_rw(is_read: bool, name: str, doc: str) -> Callable[..., int]:
                     except AttributeError:
                         lt = None
                     if lt is not None and lt.co is not None and lt.ctx is bs.aio_context:
-                        req = new_req()
-                        req.bs = bs
+                        free = bs._co_direct_free
+                        if free:
+                            req = free.pop()
+                        else:
+                            req = new_req()
+                            req.bs = bs
+                            req.wait_queue = None
                         req.offset = offset
                         req.bytes = bytes
                         req.type = tracked_type
-                        req.wait_queue = None
                         req.co = lt.co
                         bs.in_flight += 1
                         tracked = bs.tracked_requests
@@ -1685,6 +1699,9 @@ def _make_bdrv_co_rw(is_read: bool, name: str, doc: str) -> Callable[..., int]:
                         del tracked[req]
                         if req.wait_queue is not None:
                             _tracked_request_end_slow(req)  # type: ignore[arg-type]
+                            req.wait_queue = None
+                        req.co = None
+                        free.append(req)
                         bs.in_flight -= 1
                         # _account_request, inlined.
                         stats = bs.acct

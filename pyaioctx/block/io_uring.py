@@ -89,9 +89,9 @@ from ..aio import (
     qemu_bh_schedule,
 )
 from ..aiocb import AIOCBInfo, BlockAIOCB, qemu_aio_unref
-from ..coroutine import qemu_coroutine_yield as _coroutine_yield
 from ..coroutine import qemu_in_coroutine as _in_coroutine
 from ..coroutine._core import _require_coroutine, _wake_unless_entered
+from .._tls import _local as _tls_local
 from ..event_notifier import (
     EventNotifier,
     event_notifier_cleanup,
@@ -796,8 +796,15 @@ def luring_co_submit_direct(bs: Any, s: LuringState, fd: int, offset: int,
     """:func:`luring_co_submit` (pyaioctx addition) for a caller that
     checked the arguments already (the file driver's coroutine path).  Still refuses to run
     outside a coroutine (NotInCoroutineError), before anything is queued."""
+    try:
+        lt = _tls_local.lt
+    except AttributeError:
+        lt = None
+    co = lt.co if lt is not None else None
+    if co is None:
+        _require_coroutine("luring_co_submit")  # raises
     luringcb = LuringAIOCB(_info, bs, None, None)
-    luringcb.co = _require_coroutine("luring_co_submit")
+    luringcb.co = co
     luringcb.state = s
     luringcb.qiov = qiov
     luringcb.is_read = type == QEMU_AIO_READ
@@ -806,7 +813,10 @@ def luring_co_submit_direct(bs: Any, s: LuringState, fd: int, offset: int,
     if ret < 0:
         return ret
     if luringcb.ret == _EINPROGRESS:
-        _coroutine_yield()
+        # qemu_coroutine_yield, inlined: this thread's state and the
+        # running coroutine are in hand already.
+        co.caller = None
+        co._backend.yield_(lt, co)
     return luringcb.ret
 
 

@@ -274,7 +274,7 @@ class LinuxAioState:
         # such a request is never handed to anyone, so once its coroutine
         # has read the result nothing refers to it any more.  Holds at most
         # as many as were ever waiting at once; they keep no references.
-        self._free_co_laiocbs: list[QemuLaiocb] = []
+        self._free_co_laiocbs: collections.deque[QemuLaiocb] = collections.deque()
         self.submit_calls = 0
         self.getevents_calls = 0
 
@@ -420,6 +420,8 @@ def _walk_ring(s: LinuxAioState) -> bool:
     # until the ring is empty: their caller waits for something).
     budget = s.max_in_flight if s.walk_depth == 1 else None
     batch = s._walk_batch
+    # This thread's coroutine state, for every wake of this walk.
+    lt = getattr(_tls_local, "lt", None)
     while True:
         idx = s.event_idx
         if idx:
@@ -478,7 +480,7 @@ def _walk_ring(s: LinuxAioState) -> bool:
                     else:
                         qemu_aio_unref(laiocb)
                 else:
-                    _wake_unless_entered(co)
+                    _wake_unless_entered(co, lt)
             else:
                 laiocb.ret = ret
                 _process_completion(laiocb)
@@ -801,9 +803,10 @@ def laio_co_submit_direct(bs: Any, s: LinuxAioState, fd: int, offset: int,
     anything is queued: it has to yield.
     """
     try:
-        co = _tls_local.lt.co
+        lt = _tls_local.lt
     except AttributeError:
-        co = None
+        lt = None
+    co = lt.co if lt is not None else None
     if co is None:
         _require_coroutine("laio_co_submit")  # raises
     if type == QEMU_AIO_READ:
@@ -858,7 +861,10 @@ def laio_co_submit_direct(bs: Any, s: LinuxAioState, fd: int, offset: int,
         else:
             ioq_submit(s)
     if laiocb.ret == _EINPROGRESS:
-        _coroutine_yield()
+        # qemu_coroutine_yield, inlined: this thread's state and the
+        # running coroutine are in hand already.
+        co.caller = None
+        co._backend.yield_(lt, co)
     ret = laiocb.ret
     if laiocb.done:
         # Completed (the walk, a failed submit or cleanup set ``done`` and
