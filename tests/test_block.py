@@ -842,6 +842,55 @@ def test_co_direct_path_skips_drivers_with_part_callbacks():
         bdrv_unregister(drv)
 
 
+def test_co_direct_path_is_for_open_top_level_fixed_length_devices():
+    """Which devices the coroutine direct path serves: an open top-level
+    device of fixed length (reads always, writes unless read-only).  A
+    child under another driver, a device of variable length and a closed
+    one take the general path."""
+    from pyaioctx.block.block import _CoDirectReq
+    seen = []
+
+    def op(bs, options, flags):
+        bs.opaque = bytearray(65536)
+        if options.pop("variable", False):
+            bs.has_variable_length = True
+        return 0
+
+    def co_rw(bs, offset, bytes, qiov, flags):
+        (req,) = [r for r in bs.tracked_requests]
+        seen.append(type(req) is _CoDirectReq)
+        return 0
+
+    drv = BlockDriver(format_name="co-gate-test", bdrv_open=op,
+                      bdrv_getlength=lambda bs: len(bs.opaque),
+                      bdrv_co_preadv=co_rw, bdrv_co_pwritev=co_rw,
+                      runtime_opts=frozenset({"variable"}))
+    bdrv_register(drv)
+
+    def both(bs):
+        del seen[:]
+        q = QEMUIOVector(bytearray(512))
+        return (_co_start(bdrv_co_preadv, bs, 0, 512, q)
+                + _co_start(bdrv_co_pwritev, bs, 512, 512, q))
+
+    try:
+        with bdrv_open(None, {"driver": "co-gate-test"}, BDRV_O_RDWR) as bs:
+            assert both(bs) == [0, 0] and seen == [True, True]
+        with bdrv_open(None, {"driver": "co-gate-test"}, 0) as bs:
+            assert both(bs) == [0, -errno.EPERM] and seen == [True]
+        with bdrv_open(None, {"driver": "co-gate-test", "variable": True}, BDRV_O_RDWR) as bs:
+            assert both(bs) == [0, 0] and seen == [False, False]
+        with bdrv_open(None, {"driver": "blkdebug", "image": {"driver": "co-gate-test"}},
+                       BDRV_O_RDWR) as top:
+            child = top.file
+            assert child.parent is top
+            assert both(child) == [0, 0] and seen == [False, False]
+        assert both(bs) == [-errno.ENOMEDIUM, -errno.ENOMEDIUM] and seen == []
+        assert bs._co_direct_read is None and bs._co_direct_write is None
+    finally:
+        bdrv_unregister(drv)
+
+
 def test_user_driver_aio_callbacks_take_the_direct_path():
     """A driver with bdrv_aio_preadv gets simple requests directly; returning
     None declines, and the request takes the coroutine path instead."""
