@@ -713,9 +713,9 @@ def _coroutine_api() -> tuple:
     if _co_api is None:
         # Imported lazily: the coroutine package imports the event loop,
         # and the pool must not force a coroutine backend to load.
-        from .coroutine import aio_co_wake, qemu_coroutine_yield
-        from .coroutine._core import _require_coroutine, _wake_unless_entered
-        _co_api = (qemu_coroutine_yield, aio_co_wake, _wake_unless_entered, _require_coroutine)
+        from .coroutine import aio_co_wake
+        from .coroutine._core import _require_coroutine, _wake_unless_entered, _yield_running
+        _co_api = (_yield_running, aio_co_wake, _wake_unless_entered, _require_coroutine)
     return _co_api
 
 
@@ -737,7 +737,7 @@ def thread_pool_submit_co(pool: ThreadPool, func: ThreadPoolFunc, arg: Any = Non
     :func:`thread_pool_submit_aio`).  Coroutine only: RuntimeError outside
     one (NotInCoroutineError).
     """
-    require_co = (_co_api or _coroutine_api())[3]
+    co_yield, _, _, require_co = _co_api or _coroutine_api()
     try:
         lt = _tls_local.lt
     except AttributeError:
@@ -746,10 +746,7 @@ def thread_pool_submit_co(pool: ThreadPool, func: ThreadPoolFunc, arg: Any = Non
     if co is None:
         require_co("thread_pool_submit_co")  # raises
     req = thread_pool_submit_aio(pool, func, arg, _thread_pool_co_cb, co)
-    # qemu_coroutine_yield, inlined: this thread's state and the running
-    # coroutine are in hand already.
-    co.caller = None
-    co._backend.yield_(lt, co)
+    co_yield(lt, co)  # qemu_coroutine_yield, with this thread's state and co in hand
     return req.ret
 
 

@@ -222,6 +222,29 @@ def test_engine_wake_matches_aio_co_wake(co_backend, ctx, pass_lt):
         _wake_unless_entered(a)
 
 
+def test_engine_wake_of_coroutine_last_entered_by_another(co_backend, ctx):
+    """The engines' wake of a coroutine whose last enterer was another
+    coroutine (with greenlet: its parent is that coroutine's greenlet, not
+    the leader's): it runs, and its next yield comes back to the waker."""
+    from pyaioctx.coroutine._core import _wake_unless_entered
+    log = []
+
+    def inner(_):
+        log.append("inner start")
+        qemu_coroutine_yield()
+        log.append("inner woke")
+        qemu_coroutine_yield()
+        log.append("inner woke again")
+
+    e = qemu_coroutine_create(inner, None)
+    qemu_coroutine_enter(qemu_coroutine_create(lambda _: qemu_coroutine_enter(e), None))
+    assert log == ["inner start"] and not e.terminated
+    _wake_unless_entered(e)
+    assert log == ["inner start", "inner woke"] and not e.entered
+    _wake_unless_entered(e)
+    assert log[2:] == ["inner woke again"] and e.terminated
+
+
 def test_engine_wake_from_other_thread_schedules(co_backend, ctx, iothread):
     """The engines' wake from a thread whose context is not the
     coroutine's schedules it there, as aio_co_wake does."""

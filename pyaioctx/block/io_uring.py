@@ -90,7 +90,7 @@ from ..aio import (
 )
 from ..aiocb import AIOCBInfo, BlockAIOCB, qemu_aio_unref
 from ..coroutine import qemu_in_coroutine as _in_coroutine
-from ..coroutine._core import _require_coroutine, _wake_unless_entered
+from ..coroutine._core import _require_coroutine, _wake_unless_entered, _yield_running
 from .._tls import _local as _tls_local
 from ..event_notifier import (
     EventNotifier,
@@ -813,10 +813,7 @@ def luring_co_submit_direct(bs: Any, s: LuringState, fd: int, offset: int,
     if ret < 0:
         return ret
     if luringcb.ret == _EINPROGRESS:
-        # qemu_coroutine_yield, inlined: this thread's state and the
-        # running coroutine are in hand already.
-        co.caller = None
-        co._backend.yield_(lt, co)
+        _yield_running(lt, co)  # qemu_coroutine_yield; lt and co are in hand
     return luringcb.ret
 
 

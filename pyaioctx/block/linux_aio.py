@@ -74,6 +74,7 @@ from ..aiocb import AIOCBInfo, BlockAIOCB, qemu_aio_unref
 from ..coroutine import qemu_coroutine_self as _coroutine_self
 from ..coroutine import qemu_coroutine_yield as _coroutine_yield
 from ..coroutine import qemu_in_coroutine as _in_coroutine
+from ..coroutine._core import COROUTINE_YIELD as _COROUTINE_YIELD
 from ..coroutine._core import _require_coroutine, _wake_unless_entered
 from ..event_notifier import (
     EventNotifier,
@@ -861,10 +862,14 @@ def laio_co_submit_direct(bs: Any, s: LinuxAioState, fd: int, offset: int,
         else:
             ioq_submit(s)
     if laiocb.ret == _EINPROGRESS:
-        # qemu_coroutine_yield, inlined: this thread's state and the
-        # running coroutine are in hand already.
+        # qemu_coroutine_yield (as _yield_running), inlined: this
+        # thread's state and the running coroutine are in hand already.
         co.caller = None
-        co._backend.yield_(lt, co)
+        backend = co._backend
+        if backend.greenlet_current is not None:
+            co._ret.switch(_COROUTINE_YIELD)
+        else:
+            backend.yield_(lt, co)
     ret = laiocb.ret
     if laiocb.done:
         # Completed (the walk, a failed submit or cleanup set ``done`` and

@@ -199,6 +199,15 @@ class CoroutineBackend(Protocol):
         whoever entered it; returns when ``co`` is entered again."""
         ...
 
+    # A backend whose coroutines are greenlets sets this to
+    # ``greenlet.getcurrent`` (others to None).  Its enter of a suspended
+    # coroutine by the greenlet that last entered it is then
+    # ``co._impl.switch()`` and its yield ``co._ret.switch(COROUTINE_YIELD)``,
+    # and the hottest callers (_wake_unless_entered, the I/O engines'
+    # coroutine submits) do those switches themselves instead of calling
+    # enter / yield_.
+    greenlet_current: Optional[Callable[[], Any]]
+
     def stats(self) -> dict[str, int]:
         """Backend counters (for tests and benchmarks)."""
         ...
@@ -412,6 +421,19 @@ def qemu_coroutine_yield() -> None:
     self._backend.yield_(lt, self)
 
 
+def _yield_running(lt: Any, co: Coroutine) -> None:
+    # qemu_coroutine_yield for a caller that has read this thread's state
+    # ``lt`` and knows ``co`` is lt.co (the I/O engines' coroutine submits):
+    # no thread-local read, and a greenlet coroutine switches to its parent
+    # itself (see CoroutineBackend.greenlet_current).
+    co.caller = None
+    backend = co._backend
+    if backend.greenlet_current is not None:  # type: ignore[union-attr]
+        co._ret.switch(COROUTINE_YIELD)
+    else:
+        backend.yield_(lt, co)  # type: ignore[union-attr]
+
+
 def qemu_coroutine_self() -> Coroutine:
     """Port of ``qemu_coroutine_self``: the running coroutine.
 
@@ -568,12 +590,22 @@ def _wake_unless_entered(co: Coroutine, lt: Any = None) -> None:
     from_ = lt.leader or _leader(lt)
     co.caller = from_
     co._state = _RUNNING
-    try:
-        ret = co._backend.enter(lt, from_, co)  # type: ignore[union-attr]
-    except CoroutineError:
-        co.caller = None
-        co._state = _SUSPENDED
-        raise
+    backend = co._backend
+    current = backend.greenlet_current  # type: ignore[union-attr]
+    if current is not None and co._ret is current():
+        # GreenletBackend.enter's case of a suspended coroutine entered by
+        # the greenlet it last yielded to, inlined; the leader enters, so
+        # lt.co is None again afterwards.
+        lt.co = co
+        ret = co._impl.switch()
+        lt.co = None
+    else:
+        try:
+            ret = backend.enter(lt, from_, co)  # type: ignore[union-attr]
+        except CoroutineError:
+            co.caller = None
+            co._state = _SUSPENDED
+            raise
     if ret is COROUTINE_YIELD and not co.co_queue_wakeup:
         co._state = _SUSPENDED
     else:

@@ -131,6 +131,7 @@ class ThreadBackend:
         self.handoff = handoff
         self.pool_max = pool_max
         self.idle_timeout = idle_timeout
+        self.greenlet_current = None  # not greenlets (see CoroutineBackend)
         self._cond = threading.Condition(threading.Lock())
         self._local = threading.local()
         self._pool_lock = threading.Lock()
