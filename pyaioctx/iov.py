@@ -98,6 +98,11 @@ def _byte_view(func: str, obj: object, writable: bool) -> memoryview:
     return mv
 
 
+# QEMUIOVector._mem_align of a vector no entry constrains (empty, or only
+# zero-length entries at address 0); a one-digit int.
+_MEM_ALIGN_MAX = 1 << 29
+
+
 class QEMUIOVector:
     """Port of ``QEMUIOVector`` (include/qemu/iov.h).
 
@@ -112,7 +117,8 @@ class QEMUIOVector:
     ``views`` (the per-entry memoryviews).  Not thread-safe, like the C one.
     """
 
-    __slots__ = ("iov", "niov", "nalloc", "size", "readonly", "_views", "_addrs", "_iov_addr", "__weakref__")
+    __slots__ = ("iov", "niov", "nalloc", "size", "readonly", "_views", "_addrs", "_iov_addr",
+                 "_mem_align", "__weakref__")
 
     def __init__(self, *buffers: object) -> None:
         self._zero()
@@ -130,6 +136,11 @@ class QEMUIOVector:
         self.readonly = False
         self._views: list[memoryview] = []
         self._addrs: list[int] = []
+        # The largest power of two (at most _MEM_ALIGN_MAX) that divides
+        # every entry's address and length: the file driver's O_DIRECT
+        # buffer check is one compare with it.  Kept by every method that
+        # changes the entries.
+        self._mem_align = _MEM_ALIGN_MAX
 
     # -- internal --------------------------------------------------------------
 
@@ -157,6 +168,9 @@ class QEMUIOVector:
         _pack_iovec(self.iov, n * IOVEC_SIZE, address, length)
         self._views.append(view)
         self._addrs.append(address)
+        x = address | length
+        if x and x & -x < self._mem_align:
+            self._mem_align = x & -x
         self.niov = n + 1
         self.size += length
         if readonly:
@@ -202,6 +216,8 @@ class QEMUIOVector:
         self.readonly = view.readonly
         self._views = [view]
         self._addrs = [addr]
+        x = addr | n
+        self._mem_align = min(x & -x, _MEM_ALIGN_MAX) if x else _MEM_ALIGN_MAX
 
     def reset(self) -> None:
         """``qemu_iovec_reset``: drop all entries, keep the allocation."""
@@ -211,6 +227,7 @@ class QEMUIOVector:
         self.readonly = False
         self._views.clear()
         self._addrs.clear()
+        self._mem_align = _MEM_ALIGN_MAX
 
     def destroy(self) -> None:
         """``qemu_iovec_destroy``: back to the zeroed state (reusable)."""
@@ -320,6 +337,12 @@ class QEMUIOVector:
             self._addrs.pop()
             self.niov = i
         self.size -= nbytes
+        align = _MEM_ALIGN_MAX
+        for addr, view in zip(self._addrs, views):
+            x = addr | len(view)
+            if x and x & -x < align:
+                align = x & -x
+        self._mem_align = align
 
     # -- data access -------------------------------------------------------------
 

@@ -336,3 +336,61 @@ def test_pythonic_face():
     assert a == b"a--" and b == b"--fg"
     assert not qiov.is_zero()
     assert "niov=2" in repr(qiov)
+
+
+def _mem_align_of(qiov: QEMUIOVector) -> int:
+    # What QEMUIOVector._mem_align must be: the largest power of two (capped)
+    # dividing every entry's address and length.
+    from pyaioctx.iov import _MEM_ALIGN_MAX
+    align = _MEM_ALIGN_MAX
+    for addr, n in qiov.entries():
+        x = addr | n
+        if x:
+            align = min(align, x & -x)
+    return align
+
+
+def test_mem_align_follows_every_change_of_the_entries():
+    """The vector's record of its memory alignment (the file driver's
+    O_DIRECT buffer check) stays equal to what its entries give, through
+    every operation that adds, drops or shortens entries."""
+    rng = random.Random(7)
+    page = qemu_memalign(4096, 1 << 16)
+    try:
+        base = buffer_address(page)
+        mv = memoryview(page)
+        q = QEMUIOVector()
+        checks = 0
+        for _ in range(300):
+            op = rng.choice(["add_aligned", "add_odd", "discard", "reset", "init_buf", "slice"])
+            if op == "add_aligned" and q.nalloc != -1:
+                k = rng.randrange(4)
+                q.add(mv[k * 4096:(k + 1) * 4096])
+            elif op == "add_odd" and q.nalloc != -1:
+                o = rng.randrange(1, 4096)
+                q.add(mv[o:o + rng.randrange(1, 512)])
+            elif op == "discard" and q.size:
+                qemu_iovec_discard_back(q, rng.randrange(q.size + 1))
+            elif op == "reset":
+                if q.nalloc == -1:
+                    q = QEMUIOVector()
+                else:
+                    qemu_iovec_reset(q)
+            elif op == "init_buf":
+                q = QEMUIOVector()
+                o = rng.choice([0, 512, 3])
+                qemu_iovec_init_buf(q, mv[o:o + 8192])
+            elif op == "slice" and q.size:
+                src, q = q, QEMUIOVector()
+                off = rng.randrange(src.size)
+                qemu_iovec_init_slice(q, src, off, rng.randrange(src.size - off + 1))
+            assert q._mem_align == _mem_align_of(q), (op, q.entries())
+            checks += 1
+        assert checks == 300
+        assert base % 4096 == 0
+        q = QEMUIOVector(mv[:4096], mv[8192:12288])
+        assert q._mem_align == 4096
+        q.add(mv[100:200])
+        assert q._mem_align == 4
+    finally:
+        qemu_vfree(page)

@@ -1682,7 +1682,7 @@ def _make_bdrv_co_rw(is_read: bool, name: str, doc: str) -> Callable[..., int]:
                         and bytes == qiov.size and 0 < bytes <= _CO_DIRECT_MAX
                         and not (mt and bytes > mt) and offset >= 0
                         and not (offset | bytes) & (bs.bl.request_alignment - 1)
-                        and offset + bytes <= bs.total_bytes):
+                        and (end := offset + bytes) <= bs.total_bytes):
                     try:
                         lt = _tls_local.lt
                     except AttributeError:
@@ -1736,8 +1736,8 @@ def _make_bdrv_co_rw(is_read: bool, name: str, doc: str) -> Callable[..., int]:
                             stats.nr_ops[acct_type] += 1
                             stats.total_time_ns[acct_type] += now - start
                             stats.last_access_time_ns = now
-                            if not is_read and offset + bytes > stats.wr_highest_offset:
-                                stats.wr_highest_offset = offset + bytes
+                            if not is_read and end > stats.wr_highest_offset:
+                                stats.wr_highest_offset = end
                         return ret
         return general(bs, offset, bytes, qiov, 0, flags)
 

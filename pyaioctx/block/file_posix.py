@@ -612,14 +612,9 @@ def _make_raw_co_prw(type: int, name: str, doc: str) -> Callable[..., int]:
                    flags: int) -> int:
         s: BDRVRawState = bs.opaque
         if s.fd >= 0:
-            if not s.needs_alignment:
-                usable = True
-            elif qiov.niov == 1:
-                # bdrv_qiov_is_aligned for the usual single buffer, inlined.
-                usable = not (qiov._addrs[0] | qiov.size) & (bs.bl.min_mem_alignment - 1)
-            else:
-                usable = bdrv_qiov_is_aligned(bs, qiov)
-            if usable:
+            # bdrv_qiov_is_aligned, from the vector's own record of its
+            # alignment (QEMUIOVector._mem_align).
+            if not s.needs_alignment or qiov._mem_align >= bs.bl.min_mem_alignment:
                 engine = s.engine
                 if engine is not None:
                     if s.aio_state is not None:
@@ -661,13 +656,9 @@ def _make_raw_aio_prw(type: int, name: str, doc: str) -> Callable[..., Optional[
         s: BDRVRawState = bs.opaque
         if s.fd < 0:
             return None
-        if s.needs_alignment:
-            if qiov.niov == 1:
-                # bdrv_qiov_is_aligned for the usual single buffer, inlined.
-                if (qiov._addrs[0] | qiov.size) & (bs.bl.min_mem_alignment - 1):
-                    return None
-            elif not bdrv_qiov_is_aligned(bs, qiov):
-                return None
+        # bdrv_qiov_is_aligned, from the vector's own record of its alignment.
+        if s.needs_alignment and qiov._mem_align < bs.bl.min_mem_alignment:
+            return None
         engine = s.engine
         if engine is None:
             if (type == QEMU_AIO_READ and s.try_nowait and qiov.niov <= _IOV_MAX
