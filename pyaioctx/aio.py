@@ -223,6 +223,17 @@ class AioContext:
     ``_lock``          the recursive lock of aio_context_acquire/release.
     """
 
+    # Slots: CPython keeps at most 30 attributes of a plain instance in its
+    # fast layout, and every request reads context fields.  __dict__ stays
+    # for attributes added later.
+    __slots__ = ("_bh_list", "_bh_lock", "_bh_slices", "_cleanup_hooks", "_handlers", "_home",
+                 "_live_bhs", "_lock", "_poll_depth", "_poll_list", "_poll_owner", "_refcnt",
+                 "aio_max_batch", "blk_completions", "closed", "co_schedule_bh",
+                 "external_disable_cnt", "fdmon", "linux_aio", "linux_io_uring", "name",
+                 "notified", "notifier", "notify_me", "poll_disable_cnt", "poll_grow",
+                 "poll_max_ns", "poll_shrink", "scheduled_coroutines", "thread_pool", "tlg",
+                 "__dict__", "__weakref__")
+
     def __init__(self, fdmon: str | None = None, name: str | None = None) -> None:
         self.name = name or f"aio-context-{id(self):x}"
         self._bh_lock = threading.Lock()

@@ -246,6 +246,16 @@ def dummy_notifier_read(e: EventNotifier) -> None:
     event_notifier_test_and_clear(e)
 
 
+def test_context_fields_are_slots(ctx):
+    """Every field a context is born with is a slot (CPython's fast
+    attribute layout, read on every request); later attributes still work."""
+    aio_get_thread_pool = pyaioctx.thread_pool.aio_get_thread_pool
+    aio_get_thread_pool(ctx)  # one of the fields filled in later
+    assert vars(ctx) == {}
+    ctx.user_note = 1
+    assert vars(ctx) == {"user_note": 1}
+
+
 # --------------------------------------------------------------------------
 # /aio/acquire
 

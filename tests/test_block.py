@@ -622,6 +622,17 @@ def test_unaligned_write_waits_for_direct_request(disk_dir, aio_backend, api):
         assert bs.read(4096, 4096) == old[4096:8192]
 
 
+def test_block_driver_state_fields_are_slots(disk_dir, aio_backend):
+    """Every field a device gets at open is a slot (the per-request reads
+    stay in CPython's fast layout); attributes added later still work."""
+    path = disk_dir / "img"
+    make_image(path, SIZE)
+    with open_image(path, aio_backend) as bs:
+        assert vars(bs) == {}
+        bs.my_note = "kept"
+        assert bs.my_note == "kept" and vars(bs) == {"my_note": "kept"}
+
+
 def test_co_direct_tracked_requests_are_recycled(disk_dir, aio_backend):
     """The coroutine path's tracked requests are reused: one that a
     read-modify-write waited for comes back clean (no wait queue, no

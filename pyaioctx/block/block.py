@@ -441,6 +441,17 @@ class BlockDriverState:
     and ``with bdrv_open(...) as bs:`` (drains and closes).
     """
 
+    # Slots: CPython keeps at most 30 attributes of a plain instance in its
+    # fast layout, and every request reads several of these.  __dict__
+    # stays for attributes a driver or a user adds.
+    __slots__ = ("drv", "opaque", "filename", "node_name", "options", "open_flags", "read_only",
+                 "aio_context", "bl", "file", "children", "parent", "refcnt", "in_flight",
+                 "cb_depth", "tracked_requests", "serialising_in_flight", "_co_direct_free",
+                 "write_gen", "flushed_gen", "active_flush_req", "flush_queue", "io_plugged",
+                 "io_plug_disabled", "quiesce_counter", "total_bytes", "acct",
+                 "supported_write_flags", "supported_zero_flags", "has_variable_length", "closed",
+                 "_co_direct_read", "_co_direct_write", "__dict__", "__weakref__")
+
     def __init__(self, drv: BlockDriver, flags: int, ctx: AioContext) -> None:
         self.drv: Optional[BlockDriver] = drv
         self.opaque: Any = None
