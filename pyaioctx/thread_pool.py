@@ -714,8 +714,8 @@ def _coroutine_api() -> tuple:
         # Imported lazily: the coroutine package imports the event loop,
         # and the pool must not force a coroutine backend to load.
         from .coroutine import aio_co_wake
-        from .coroutine._core import _require_coroutine, _wake_unless_entered, _yield_running
-        _co_api = (_yield_running, aio_co_wake, _wake_unless_entered, _require_coroutine)
+        from .coroutine._core import _lt_and_self, _wake_unless_entered, _yield_running
+        _co_api = (_yield_running, aio_co_wake, _wake_unless_entered, _lt_and_self)
     return _co_api
 
 
@@ -737,14 +737,8 @@ def thread_pool_submit_co(pool: ThreadPool, func: ThreadPoolFunc, arg: Any = Non
     :func:`thread_pool_submit_aio`).  Coroutine only: RuntimeError outside
     one (NotInCoroutineError).
     """
-    co_yield, _, _, require_co = _co_api or _coroutine_api()
-    try:
-        lt = _tls_local.lt
-    except AttributeError:
-        lt = None
-    co = lt.co if lt is not None else None  # _require_coroutine's answer, without its call
-    if co is None:
-        require_co("thread_pool_submit_co")  # raises
+    co_yield, _, _, lt_and_self = _co_api or _coroutine_api()
+    lt, co = lt_and_self("thread_pool_submit_co")
     req = thread_pool_submit_aio(pool, func, arg, _thread_pool_co_cb, co)
     co_yield(lt, co)  # qemu_coroutine_yield, with this thread's state and co in hand
     return req.ret

@@ -698,25 +698,21 @@ def test_misaligned_entry_of_a_vector_is_bounced(disk_dir, aio_backend, api):
         odd = memoryview(raw)[1:]
         q = QEMUIOVector(amv, odd)
         assert q._mem_align == 1  # the second buffer starts at an odd address
-        if api == "callback":
-            done = []
-            bdrv_aio_preadv(bs, 8192, q, 0, lambda o, r: done.append(r), None)
+
+        def run(aio_fn, co_fn, offset):
+            if api == "callback":
+                done: list = []
+                aio_fn(bs, offset, q, 0, lambda o, r: done.append(r), None)
+            else:
+                done = _co_start(co_fn, bs, offset, q.size, q)
             _wait(lambda: done)
-        else:
-            done = _co_start(bdrv_co_preadv, bs, 8192, 8192, q)
-            _wait(lambda: done)
-        assert done == [0]
+            return done
+
+        assert run(bdrv_aio_preadv, bdrv_co_preadv, 8192) == [0]
         assert bytes(amv) + bytes(odd) == data[8192:16384]
         amv[:] = b"x" * 4096
         odd[:] = b"y" * 4096
-        if api == "callback":
-            done = []
-            bdrv_aio_pwritev(bs, 0, q, 0, lambda o, r: done.append(r), None)
-            _wait(lambda: done)
-        else:
-            done = _co_start(bdrv_co_pwritev, bs, 0, 8192, q)
-            _wait(lambda: done)
-        assert done == [0]
+        assert run(bdrv_aio_pwritev, bdrv_co_pwritev, 0) == [0]
         assert bs.read(0, 8192) == b"x" * 4096 + b"y" * 4096
 
 

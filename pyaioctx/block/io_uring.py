@@ -90,8 +90,12 @@ from ..aio import (
 )
 from ..aiocb import AIOCBInfo, BlockAIOCB, qemu_aio_unref
 from ..coroutine import qemu_in_coroutine as _in_coroutine
-from ..coroutine._core import _require_coroutine, _wake_unless_entered, _yield_running
-from .._tls import _local as _tls_local
+from ..coroutine._core import (
+    _lt_and_self,
+    _require_coroutine,
+    _wake_unless_entered,
+    _yield_running,
+)
 from ..event_notifier import (
     EventNotifier,
     event_notifier_cleanup,
@@ -796,13 +800,7 @@ def luring_co_submit_direct(bs: Any, s: LuringState, fd: int, offset: int,
     """:func:`luring_co_submit` (pyaioctx addition) for a caller that
     checked the arguments already (the file driver's coroutine path).  Still refuses to run
     outside a coroutine (NotInCoroutineError), before anything is queued."""
-    try:
-        lt = _tls_local.lt
-    except AttributeError:
-        lt = None
-    co = lt.co if lt is not None else None
-    if co is None:
-        _require_coroutine("luring_co_submit")  # raises
+    lt, co = _lt_and_self("luring_co_submit")
     luringcb = LuringAIOCB(_info, bs, None, None)
     luringcb.co = co
     luringcb.state = s

@@ -803,6 +803,7 @@ def laio_co_submit_direct(bs: Any, s: LinuxAioState, fd: int, offset: int,
     Still refuses to run outside a coroutine (NotInCoroutineError), before
     anything is queued: it has to yield.
     """
+    # coroutine._core._lt_and_self, inlined.
     try:
         lt = _tls_local.lt
     except AttributeError:

@@ -421,6 +421,21 @@ def qemu_coroutine_yield() -> None:
     self._backend.yield_(lt, self)
 
 
+def _lt_and_self(fn: str) -> tuple[Any, Coroutine]:
+    # This thread's state and the running coroutine, for a coroutine-only
+    # function that will yield through _yield_running; NotInCoroutineError
+    # (naming ``fn``) outside a coroutine.  linux_aio's coroutine submit
+    # has it inline.
+    try:
+        lt = _local.lt
+    except AttributeError:
+        lt = None
+    co = lt.co if lt is not None else None
+    if co is None:
+        _require_coroutine(fn)  # raises
+    return lt, co  # type: ignore[return-value]
+
+
 def _yield_running(lt: Any, co: Coroutine) -> None:
     # qemu_coroutine_yield for a caller that has read this thread's state
     # ``lt`` and knows ``co`` is lt.co (the I/O engines' coroutine submits):
