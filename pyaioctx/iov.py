@@ -103,6 +103,13 @@ def _byte_view(func: str, obj: object, writable: bool) -> memoryview:
 _MEM_ALIGN_MAX = 1 << 29
 
 
+def _narrow_align(align: int, address: int, length: int) -> int:
+    # ``align`` lowered to the largest power of two dividing an entry's
+    # address and length, if that is smaller.
+    x = address | length
+    return x & -x if x and x & -x < align else align
+
+
 class QEMUIOVector:
     """Port of ``QEMUIOVector`` (include/qemu/iov.h).
 
@@ -168,9 +175,7 @@ class QEMUIOVector:
         _pack_iovec(self.iov, n * IOVEC_SIZE, address, length)
         self._views.append(view)
         self._addrs.append(address)
-        x = address | length
-        if x and x & -x < self._mem_align:
-            self._mem_align = x & -x
+        self._mem_align = _narrow_align(self._mem_align, address, length)
         self.niov = n + 1
         self.size += length
         if readonly:
@@ -216,8 +221,7 @@ class QEMUIOVector:
         self.readonly = view.readonly
         self._views = [view]
         self._addrs = [addr]
-        x = addr | n
-        self._mem_align = min(x & -x, _MEM_ALIGN_MAX) if x else _MEM_ALIGN_MAX
+        self._mem_align = _narrow_align(_MEM_ALIGN_MAX, addr, n)
 
     def reset(self) -> None:
         """``qemu_iovec_reset``: drop all entries, keep the allocation."""
@@ -339,9 +343,7 @@ class QEMUIOVector:
         self.size -= nbytes
         align = _MEM_ALIGN_MAX
         for addr, view in zip(self._addrs, views):
-            x = addr | len(view)
-            if x and x & -x < align:
-                align = x & -x
+            align = _narrow_align(align, addr, len(view))
         self._mem_align = align
 
     # -- data access -------------------------------------------------------------
