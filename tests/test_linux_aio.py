@@ -112,6 +112,82 @@ def test_more_requests_than_max_events(ctx, image):
     assert not q.aio_poll(ctx, False)
 
 
+def _slots_all_free(s):
+    # Every iocb slot is back on the free list exactly once, owned by no one.
+    return (sorted(s._free_iocbs) == list(range(len(s._iocbs)))
+            and not any(s._owner) and len(s._iocb_addrs) == len(s._iocbs))
+
+
+def test_iocb_slots_carry_their_number_and_come_back(ctx, image):
+    """Each request's iocb is a numbered slot whose aio_data is the number
+    (the kernel hands it back in the event); more requests prepared at once
+    than max_in_flight add slots; every slot comes back free, owned by no
+    one, and a second round reuses them."""
+    fd, data, _ = image
+    s = L.aio_setup_linux_aio(ctx)
+    assert len(s._iocbs) == s.max_in_flight and _slots_all_free(s)
+    n = 300
+    res = {}
+    L.laio_io_plug(None, s)  # all 300 are prepared before any completes
+    acbs = [L.laio_submit(None, s, fd, (i % NBLOCKS) * 8, QEMUIOVector(_buf()), 8,
+                          lambda i, r: res.__setitem__(i, res.get(i, 0) - 1 if r else 1), i,
+                          QEMU_AIO_READ) for i in range(n)]
+    slots = [a.iocb for a in acbs]
+    assert sorted(slots) == list(range(n)) and len(s._iocbs) == n
+    for a in acbs:
+        assert s._owner[a.iocb] is a
+        assert s._iocbs[a.iocb].aio_data == a.iocb
+        assert a.iocb_addr == s._iocb_addrs[a.iocb] == L.aio_abi.iocb_address(s._iocbs[a.iocb])
+    L.laio_io_unplug(None, s)
+    _wait(ctx, lambda: len(res) == n and s.io_q.in_flight == 0)
+    assert res == {i: 1 for i in range(n)}
+    assert _slots_all_free(s) and all(a.iocb is None for a in acbs)
+    # A second round at the same depth takes the same slots: no growth.
+    res.clear()
+    for i in range(n):
+        L.laio_submit(None, s, fd, i * 8 % (NBLOCKS * 8), QEMUIOVector(_buf()), 8,
+                      lambda i, r: res.__setitem__(i, r), i, QEMU_AIO_READ)
+    _wait(ctx, lambda: len(res) == n and s.io_q.in_flight == 0)
+    assert set(res.values()) == {0} and len(s._iocbs) == n and _slots_all_free(s)
+
+
+def test_cancelled_and_failed_requests_free_their_slots(ctx, image):
+    """A request cancelled while queued and one the kernel refuses (bad fd)
+    give their slots back, exactly once."""
+    fd, _, _ = image
+    s = L.aio_setup_linux_aio(ctx)
+    res = []
+    L.laio_io_plug(None, s)
+    acbs = [L.laio_submit(None, s, fd, i * 8, QEMUIOVector(_buf()), 8,
+                          lambda i, r: res.append((i, r)), i, QEMU_AIO_READ) for i in range(3)]
+    acbs.append(L.laio_submit(None, s, 987654, 0, QEMUIOVector(_buf()), 8,
+                              lambda i, r: res.append((i, r)), 3, QEMU_AIO_READ))
+    q.bdrv_aio_cancel(acbs[1])
+    assert res == [(1, -errno.ECANCELED)] and s._owner[acbs[0].iocb] is acbs[0]
+    assert acbs[1].iocb is None and acbs[1] not in s._owner
+    L.laio_io_unplug(None, s)
+    _wait(ctx, lambda: len(res) == 4 and s.io_q.in_flight == 0)
+    assert sorted(res) == [(0, 0), (1, -errno.ECANCELED), (2, 0), (3, -errno.EBADF)]
+    assert _slots_all_free(s) and len(s._iocbs) == s.max_in_flight
+
+
+@pytest.mark.parametrize("bad_fd", [-1, -5])
+def test_negative_fd_is_the_kernels_ebadf(ctx, image, bad_fd):
+    """A negative fd reaches the kernel as its u32, as in C, and fails with
+    -EBADF through the callback; nothing else is disturbed."""
+    fd, data, _ = image
+    s = L.aio_setup_linux_aio(ctx)
+    res = []
+    L.laio_submit(None, s, bad_fd, 0, QEMUIOVector(_buf()), 8,
+                  lambda o, r: res.append((o, r)), "bad", QEMU_AIO_READ)
+    good = _buf()
+    L.laio_submit(None, s, fd, 8, QEMUIOVector(good), 8,
+                  lambda o, r: res.append((o, r)), "good", QEMU_AIO_READ)
+    _wait(ctx, lambda: len(res) == 2 and s.io_q.in_flight == 0)
+    assert sorted(res) == [("bad", -errno.EBADF), ("good", 0)]
+    assert bytes(good) == bytes(data[BS:2 * BS]) and _slots_all_free(s)
+
+
 def test_plug_unplug_batches_submissions(ctx, image):
     """While plugged nothing is submitted; the last unplug submits in one call."""
     fd, _, _ = image
@@ -289,7 +365,7 @@ def test_nested_walk_continues_the_outer_batch(ctx, image):
     _wait(ctx, lambda: sum(counts) == n)
     assert seen == [n - 1]
     assert counts == [1] * n
-    assert s._walk_batch == [] and not s._by_addr
+    assert s._walk_batch == [] and not any(s._owner)
     assert s.io_q.in_flight == 0 and s.event_idx == 0 and s.event_max == 0
     assert q.aio_poll(ctx, False) is False
 
@@ -318,7 +394,7 @@ def test_callback_exception_mid_batch_loses_nothing(ctx, image):
         _wait(ctx, lambda: sum(counts) == n)
     _wait(ctx, lambda: sum(counts) == n)
     assert counts == [1] * n
-    assert s.io_q.in_flight == 0 and not s._by_addr and not s._walk_batch
+    assert s.io_q.in_flight == 0 and not s._walk_batch and _slots_all_free(s)
 
 
 def test_cleanup_after_a_walk_ended_by_an_exception(image):
@@ -341,6 +417,7 @@ def test_cleanup_after_a_walk_ended_by_an_exception(image):
     q.aio_context_unref(c)  # detaches and cleans up the state: the drain
     assert s.closed
     assert counts == [1] * n
+    assert _slots_all_free(s)
 
 
 def test_nested_completion_syscall_fallback(ctx, image):
@@ -501,7 +578,7 @@ def test_co_submit(ctx, image, co_backend, submit):
             assert r4 == 0
         assert got == payload[i]
         assert old == bytes(data[(16 + i) * BS:(17 + i) * BS])
-    assert s.io_q.in_queue == 0 and s.io_q.in_flight == 0 and not s._by_addr
+    assert s.io_q.in_queue == 0 and s.io_q.in_flight == 0 and not any(s._owner)
 
 
 def test_co_submit_direct_outside_coroutine_queues_nothing(ctx, image):
@@ -556,6 +633,61 @@ def test_co_submit_error_returns_without_yield(ctx, image, co_backend):
     finally:
         q.qemu_set_current_aio_context(None)
     assert out == [-errno.EBADF]  # finished within the enter: no yield needed
+
+
+class _CountingWake:
+    # Counts the completion walk's calls of the general wake.
+    def __init__(self, real):
+        self.real, self.calls = real, 0
+
+    def __call__(self, co, lt=None):
+        self.calls += 1
+        return self.real(co, lt)
+
+
+def test_walk_wakes_in_place_or_through_the_general_wake(ctx, image, co_backend, monkeypatch):
+    """The walk wakes a greenlet coroutine it finds parked by its own
+    greenlet itself; a coroutine parked by another coroutine's greenlet (it
+    was entered from inside that one), and every thread-backend coroutine,
+    go through _wake_unless_entered.  Either way each request returns its
+    result to its coroutine once, and the coroutine runs on to its end."""
+    fd, data, _ = image
+    s = L.aio_setup_linux_aio(ctx)
+    wake = _CountingWake(L._wake_unless_entered)
+    monkeypatch.setattr(L, "_wake_unless_entered", wake)
+    q.qemu_set_current_aio_context(ctx)
+    out = []
+
+    def reader(i):
+        b = _buf()
+        ret = L.laio_co_submit_direct(None, s, fd, i * BS, QEMUIOVector(b), QEMU_AIO_READ)
+        out.append((i, ret, bytes(b) == bytes(data[i * BS:(i + 1) * BS])))
+
+    def outer(_):
+        # reader(99) is entered from this coroutine, so it yields back to
+        # this coroutine's greenlet, which then ends.
+        q.qemu_coroutine_enter(q.qemu_coroutine_create(reader, 99))
+        out.append("outer done")
+
+    try:
+        for i in range(8):
+            q.qemu_coroutine_enter(q.qemu_coroutine_create(reader, i))
+        _wait(ctx, lambda: len(out) == 8)
+        in_place = 8 - wake.calls
+        q.qemu_coroutine_enter(q.qemu_coroutine_create(outer, None))
+        assert out[-1] == "outer done"
+        calls = wake.calls
+        _wait(ctx, lambda: len(out) == 10)
+    finally:
+        q.qemu_set_current_aio_context(None)
+    assert sorted(out[:8]) == [(i, 0, True) for i in range(8)]
+    assert out[9] == (99, 0, True)
+    if co_backend == "greenlet":
+        assert in_place == 8
+        assert wake.calls == calls + 1  # the one parked by another greenlet
+    else:
+        assert in_place == 0 and wake.calls == calls + 1
+    assert _slots_all_free(s)
 
 
 def test_attach_detach_between_contexts(image):

@@ -75,6 +75,8 @@ from ..coroutine import qemu_coroutine_self as _coroutine_self
 from ..coroutine import qemu_coroutine_yield as _coroutine_yield
 from ..coroutine import qemu_in_coroutine as _in_coroutine
 from ..coroutine._core import COROUTINE_YIELD as _COROUTINE_YIELD
+from ..coroutine import _core as _co_core
+from ..coroutine._core import _SUSPENDED, _RUNNING, _enter, _leader
 from ..coroutine._core import _require_coroutine, _wake_unless_entered
 from ..event_notifier import (
     EventNotifier,
@@ -259,18 +261,29 @@ class LinuxAioState:
         self._events_s64 = memoryview(self._events).cast("B").cast("q")
         self._iocbpp = aio_abi.iocb_ptr_array(self.max_in_flight)
         self._iocbpp_addr = _addressof(self._iocbpp)
-        # iocb address -> request, for requests the kernel holds and no
-        # walk has taken yet.
-        self._by_addr: dict[int, QemuLaiocb] = {}
-        # The requests of the ring's events from its head on, taken out of
-        # _by_addr by a walk (_walk_ring); the first s.event_idx of them are
-        # done.  Shared by nested walks.
+        # The iocb structs, by slot number; a slot's number is its iocb's
+        # aio_data, which the kernel hands back in the io_event, and C's
+        # container_of becomes _owner[slot].  Small ints, not the structs'
+        # addresses: no address object made per request, and the lookup is
+        # a list index instead of a dict of 47-bit keys.  Slots are never
+        # freed; there are as many as requests were ever prepared at once.
+        self._iocbs: list = []
+        self._iocb_addrs: list[int] = []
+        # Slot -> the request that holds it, from its preparation until its
+        # slot is freed (completion, failed submit, cancellation).
+        self._owner: list[Optional[QemuLaiocb]] = []
+        # The requests of the ring's events from its head on, looked up by
+        # a walk (_walk_ring); the first s.event_idx of them are done.
+        # Shared by nested walks.
         self._walk_batch: list[QemuLaiocb] = []
-        # Free list of iocb structs: no ctypes allocation per request.  The
-        # fields that are the same for every request of this state (aio_data
-        # = the iocb's own address, the eventfd flag and fd) are written
-        # once, here; laio_submit_direct then writes only the request's own.
-        self._free_iocbs: list = [_new_iocb(self) for _ in range(self.max_in_flight)]
+        # Free slots: no ctypes allocation per request.  The fields that
+        # are the same for every request of this state (aio_data = the
+        # slot, the eventfd flag and fd) are written once, by _new_iocb;
+        # laio_submit_direct then writes only the request's own.
+        # A deque: a list that shrinks and grows by a walk's batch pays for
+        # a realloc each time.
+        self._free_iocbs: collections.deque[int] = collections.deque(
+            reversed([_new_iocb(self) for _ in range(self.max_in_flight)]))
         # Free list of the coroutine path's QemuLaiocbs (laio_co_submit_direct):
         # such a request is never handed to anyone, so once its coroutine
         # has read the result nothing refers to it any more.  Holds at most
@@ -414,15 +427,20 @@ def _walk_ring(s: LinuxAioState) -> bool:
     # AioRing.commit / AioRing.peek, inlined (same loads, same order).
     hdr = ring._hdr
     nr = ring.nr
-    by_addr = s._by_addr
+    owner = s._owner
     free = s._free_iocbs
     io_q = s.io_q
     # Completions the outermost walk may still process (nested walks run
     # until the ring is empty: their caller waits for something).
     budget = s.max_in_flight if s.walk_depth == 1 else None
     batch = s._walk_batch
-    # This thread's coroutine state, for every wake of this walk.
+    # This thread's coroutine state, for every wake of this walk; and, at
+    # its first wake, the greenlet this walk runs in (_walk_greenlet),
+    # which does not change while it runs: a callback returns before the
+    # next event.
     lt = getattr(_tls_local, "lt", None)
+    ctx = s.aio_context
+    current: Any = None
     while True:
         idx = s.event_idx
         if idx:
@@ -447,19 +465,22 @@ def _walk_ring(s: LinuxAioState) -> bool:
         # the interrupt; the requests are ~max_in_flight submits old).  The
         # kernel does not touch events between head and tail until head
         # moves, so these are the ring's values.  A nested walk continues
-        # from the same s._walk_batch, so a request is taken out of _by_addr
-        # once.  (s.event_idx is 0 here: both start at head.)
+        # from the same s._walk_batch, so a request is looked up once.
+        # (s.event_idx is 0 here: both start at head.)  An event's aio_data
+        # is its request's slot.
         base = head * 4
         have = len(batch)
         if have + 1 == n:
-            batch.append(by_addr.pop(u64[base + 4 * have + 1]))
+            batch.append(owner[u64[base + 4 * have]])
         elif have < n:
-            batch.extend(map(by_addr.pop, u64[base + 4 * have + 1:base + 4 * n:4].tolist()))
+            batch.extend(map(owner.__getitem__, u64[base + 4 * have:base + 4 * n:4].tolist()))
         idx = 0
         while idx < s.event_max:
             laiocb = batch[idx]
             ret = s64[base + 4 * idx + 2]  # its cache line came with aio_data
-            free.append(laiocb.iocb)
+            slot = laiocb.iocb
+            free.append(slot)
+            owner[slot] = None
             laiocb.iocb = None
             # Change counters one-by-one because we can be nested: a
             # callback's nested aio_poll continues this batch from
@@ -481,11 +502,43 @@ def _walk_ring(s: LinuxAioState) -> bool:
                     else:
                         qemu_aio_unref(laiocb)
                 else:
-                    _wake_unless_entered(co, lt)
+                    if current is None:
+                        current = _walk_greenlet(lt, ctx)
+                    if (co._ret is current and co.caller is None and lt.co is None
+                            and co.ctx is ctx and co._state == _SUSPENDED
+                            and co.scheduled is None):
+                        # _wake_unless_entered's common case, inlined: a
+                        # suspended greenlet coroutine, parked by this
+                        # greenlet, woken from outside any coroutine in its
+                        # own context.  Switching from this walk's frame,
+                        # not from a helper's, also spares greenlet a new
+                        # frame object for every wake.
+                        co.caller = lt.leader or _leader(lt)
+                        co._state = _RUNNING
+                        lt.co = co
+                        ret = co._impl.switch()
+                        lt.co = None
+                        if ret is _COROUTINE_YIELD and not co.co_queue_wakeup:
+                            co._state = _SUSPENDED
+                        else:
+                            _enter(lt, ctx, co, ret)
+                    else:
+                        _wake_unless_entered(co, lt)
             else:
                 laiocb.ret = ret
                 _process_completion(laiocb)
             idx = s.event_idx
+
+
+def _walk_greenlet(lt: Any, ctx: Optional[AioContext]) -> Any:
+    # The greenlet a completion walk runs in, for its inlined wakes; False
+    # when they cannot apply (no coroutine state in this thread, another
+    # context's thread, or the thread backend), so that every wake takes
+    # _wake_unless_entered.  False is no coroutine's _ret.
+    if lt is None or lt.ctx is not ctx:
+        return False
+    greenlet_current = _co_core._active.greenlet_current  # type: ignore[union-attr]
+    return greenlet_current() if greenlet_current is not None else False
 
 
 def _process_completions_syscall(s: LinuxAioState) -> None:
@@ -496,7 +549,7 @@ def _process_completions_syscall(s: LinuxAioState) -> None:
     """
     u64 = s._events_u64
     s64 = s._events_s64
-    by_addr = s._by_addr
+    owner = s._owner
     free = s._free_iocbs
     io_q = s.io_q
     while True:
@@ -509,9 +562,11 @@ def _process_completions_syscall(s: LinuxAioState) -> None:
                 break
         while s.event_idx < s.event_max:
             b = 4 * s.event_idx
-            laiocb = by_addr.pop(u64[b + 1])
+            slot = u64[b]
+            laiocb = owner[slot]
+            owner[slot] = None
             laiocb.ret = s64[b + 2]
-            free.append(laiocb.iocb)
+            free.append(slot)
             laiocb.iocb = None
             io_q.in_flight -= 1
             s.event_idx += 1
@@ -618,7 +673,6 @@ def _ioq_submit(s: LinuxAioState) -> None:
     pending = io_q.pending
     iocbpp = s._iocbpp
     nr_events = s.max_in_flight
-    by_addr = s._by_addr
     while pending:
         if io_q.in_flight >= nr_events:
             break
@@ -628,17 +682,13 @@ def _ioq_submit(s: LinuxAioState) -> None:
         # dict.update): per request it is the largest part of this loop.
         # A single request (queue depth 1) skips building those lists.
         if n == 1:
-            one = pending[0]
-            iocbpp[0] = one.iocb_addr
-            batch = addrs = None
+            iocbpp[0] = pending[0].iocb_addr
         else:
             if n > room:
                 n = room
-                batch = list(_islice(pending, n))
+                iocbpp[:n] = list(map(_get_iocb_addr, _islice(pending, n)))
             else:
-                batch = list(pending)
-            addrs = list(map(_get_iocb_addr, batch))
-            iocbpp[:n] = addrs
+                iocbpp[:n] = list(map(_get_iocb_addr, pending))
         s.submit_calls += 1
         ret = _io_submit(s.ctx_id, n, s._iocbpp_addr)
         if ret == _EAGAIN:
@@ -647,8 +697,7 @@ def _ioq_submit(s: LinuxAioState) -> None:
             # Fail the first request, retry the rest.
             laiocb = pending.popleft()
             io_q.in_queue -= 1
-            s._free_iocbs.append(laiocb.iocb)
-            laiocb.iocb = None
+            _free_slot(s, laiocb)
             laiocb.ret = ret
             _process_completion(laiocb)
             if not pending:
@@ -657,31 +706,45 @@ def _ioq_submit(s: LinuxAioState) -> None:
         io_q.in_flight += ret
         io_q.in_queue -= ret
         # The kernel accepted a prefix; the rest stays queued.
-        if batch is None:
-            if ret:
-                pending.popleft()
-                by_addr[one.iocb_addr] = one
-        elif ret == len(pending):
+        if ret == len(pending):
             pending.clear()
-            by_addr.update(zip(addrs, batch))
             break
-        else:
-            for _ in range(ret):
-                pending.popleft()
-            by_addr.update(zip(addrs[:ret], batch))
+        for _ in range(ret):
+            pending.popleft()
         if ret != n or not pending:
             break
     io_q.blocked = io_q.in_queue > 0
 
 
-def _new_iocb(s: LinuxAioState) -> Any:
-    # An iocb for state s's free list, with the fields that never change
-    # between its requests already written (see LinuxAioState._free_iocbs).
+def _new_iocb(s: LinuxAioState) -> int:
+    # A new slot for state s (see LinuxAioState._iocbs): its iocb, with the
+    # fields that never change between its requests already written.
+    slot = len(s._iocbs)
     icb = aio_abi.iocb()
-    addr = _addressof(icb)
     if _iocb_pack is not None:
-        _iocb_pack(icb, 0, addr, 0, 0, 0, 0, 0, 0, 0, 0, 0, _FLAG_RESFD, s.efd)
-    return icb
+        _iocb_pack(icb, 0, slot, 0, 0, 0, 0, 0, 0, 0, 0, 0, _FLAG_RESFD, s.efd)
+    s._iocbs.append(icb)
+    s._iocb_addrs.append(_addressof(icb))
+    s._owner.append(None)
+    return slot
+
+
+def _take_slot(s: LinuxAioState, laiocb: QemuLaiocb) -> Any:
+    # A free slot for laiocb (the hot paths inline this); returns its iocb.
+    free = s._free_iocbs
+    slot = free.pop() if free else _new_iocb(s)
+    laiocb.iocb = slot
+    laiocb.iocb_addr = s._iocb_addrs[slot]
+    s._owner[slot] = laiocb
+    return s._iocbs[slot]
+
+
+def _free_slot(s: LinuxAioState, laiocb: QemuLaiocb) -> None:
+    # laiocb's slot back to the free list (the walks inline this).
+    slot = laiocb.iocb
+    s._owner[slot] = None
+    s._free_iocbs.append(slot)
+    laiocb.iocb = None
 
 
 def _laio_do_submit(s: LinuxAioState, fd: int, laiocb: QemuLaiocb, offset: int, type: int) -> int:
@@ -696,23 +759,20 @@ def _laio_do_submit(s: LinuxAioState, fd: int, laiocb: QemuLaiocb, offset: int, 
     else:
         # Currently the Linux kernel does not support other operations.
         return -errno.EIO
-    free = s._free_iocbs
-    cb = free.pop() if free else _new_iocb(s)
-    laiocb.iocb = cb
-    addr = _addressof(cb)
-    laiocb.iocb_addr = addr
+    cb = _take_slot(s, laiocb)
+    slot = laiocb.iocb
     if _iocb_pack is None:  # pragma: no cover - big-endian hosts
         if qiov is not None:
-            _iocb_prep(cb, op, fd, qiov._iov_addr, qiov.niov, offset, addr, _FLAG_RESFD, s.efd)
+            _iocb_prep(cb, op, fd, qiov._iov_addr, qiov.niov, offset, slot, _FLAG_RESFD, s.efd)
         else:
-            _iocb_prep(cb, op, fd, 0, 0, 0, addr, _FLAG_RESFD, s.efd)
+            _iocb_prep(cb, op, fd, 0, 0, 0, slot, _FLAG_RESFD, s.efd)
     elif qiov is not None:
         # aio_abi.iocb_prep, inlined (every field in one store; the fd is
-        # the kernel's u32).
-        _iocb_pack(cb, 0, addr, 0, 0, op, 0, fd & 0xFFFFFFFF, qiov._iov_addr, qiov.niov,
+        # the kernel's u32, so a negative one gets the kernel's -EBADF).
+        _iocb_pack(cb, 0, slot, 0, 0, op, 0, fd & 0xFFFFFFFF, qiov._iov_addr, qiov.niov,
                    offset, 0, _FLAG_RESFD, s.efd)
     else:
-        _iocb_pack(cb, 0, addr, 0, 0, op, 0, fd & 0xFFFFFFFF, 0, 0, 0, 0, _FLAG_RESFD, s.efd)
+        _iocb_pack(cb, 0, slot, 0, 0, op, 0, fd & 0xFFFFFFFF, 0, 0, 0, 0, _FLAG_RESFD, s.efd)
     io_q = s.io_q
     io_q.pending.append(laiocb)
     io_q.in_queue += 1
@@ -801,7 +861,9 @@ def laio_co_submit_direct(bs: Any, s: LinuxAioState, fd: int, offset: int,
     _laio_do_submit's.
 
     Still refuses to run outside a coroutine (NotInCoroutineError), before
-    anything is queued: it has to yield.
+    anything is queued: it has to yield.  ``fd`` must be an open
+    descriptor (the public functions also take a negative one, which the
+    kernel refuses with -EBADF).
     """
     # coroutine._core._lt_and_self, inlined.
     try:
@@ -838,11 +900,13 @@ def laio_co_submit_direct(bs: Any, s: LinuxAioState, fd: int, offset: int,
     laiocb.qiov = qiov
     laiocb.is_read = op == _CMD_PREADV
     laiocb.done = False
+    # _take_slot, inlined.
     free = s._free_iocbs
-    icb = free.pop() if free else _new_iocb(s)
-    laiocb.iocb = icb
-    laiocb.iocb_addr = _addressof(icb)
-    _iocb_req_pack(icb, _IOCB_REQ_OFFSET, op, 0, fd & 0xFFFFFFFF, qiov._iov_addr, qiov.niov,
+    slot = free.pop() if free else _new_iocb(s)
+    laiocb.iocb = slot
+    laiocb.iocb_addr = s._iocb_addrs[slot]
+    s._owner[slot] = laiocb
+    _iocb_req_pack(s._iocbs[slot], _IOCB_REQ_OFFSET, op, 0, fd, qiov._iov_addr, qiov.niov,
                    offset)
     io_q = s.io_q
     io_q.pending.append(laiocb)
@@ -921,7 +985,8 @@ def laio_submit_direct(bs: Any, s: LinuxAioState, fd: int, offset: int, qiov: QE
 
     This is every request's hot path, so QemuLaiocb.__init__ and, for reads
     and writes, _laio_do_submit are inlined here; the queueing rules are
-    _laio_do_submit's.
+    _laio_do_submit's.  ``fd`` must be an open descriptor, as for
+    :func:`laio_co_submit_direct`.
     """
     if type == QEMU_AIO_READ:
         op = _CMD_PREADV
@@ -951,12 +1016,14 @@ def laio_submit_direct(bs: Any, s: LinuxAioState, fd: int, offset: int, qiov: QE
             qemu_aio_unref(laiocb)
             return None
         return laiocb
+    # _take_slot, inlined.  The state's constant fields are in place
+    # (_new_iocb); write the rest.
     free = s._free_iocbs
-    icb = free.pop() if free else _new_iocb(s)
-    laiocb.iocb = icb
-    laiocb.iocb_addr = _addressof(icb)
-    # The state's constant fields are in place (_new_iocb); write the rest.
-    _iocb_req_pack(icb, _IOCB_REQ_OFFSET, op, 0, fd & 0xFFFFFFFF, qiov._iov_addr, qiov.niov,
+    slot = free.pop() if free else _new_iocb(s)
+    laiocb.iocb = slot
+    laiocb.iocb_addr = s._iocb_addrs[slot]
+    s._owner[slot] = laiocb
+    _iocb_req_pack(s._iocbs[slot], _IOCB_REQ_OFFSET, op, 0, fd, qiov._iov_addr, qiov.niov,
                    offset)
     io_q = s.io_q
     io_q.pending.append(laiocb)
@@ -1001,8 +1068,7 @@ def _laio_cancel(acb: BlockAIOCB) -> None:
     else:
         io_q.in_queue -= 1
         io_q.blocked = io_q.in_queue > 0 and io_q.blocked
-        s._free_iocbs.append(laiocb.iocb)
-        laiocb.iocb = None
+        _free_slot(s, laiocb)
         laiocb.ret = _ECANCELED
         aio_bh_schedule_oneshot_full(s.aio_context, _process_completion, laiocb, "laio-cancel")
         return
@@ -1011,9 +1077,7 @@ def _laio_cancel(acb: BlockAIOCB) -> None:
     if ret == 0:
         # Pre-4.19 kernels finish a cancelled iocb synchronously and never
         # post it to the ring.
-        s._by_addr.pop(laiocb.iocb_addr, None)
-        s._free_iocbs.append(laiocb.iocb)
-        laiocb.iocb = None
+        _free_slot(s, laiocb)
         io_q.in_flight -= 1
         laiocb.ret = _ECANCELED
         aio_bh_schedule_oneshot_full(s.aio_context, _process_completion, laiocb, "laio-cancel")
@@ -1083,19 +1147,18 @@ def _drain_for_cleanup(s: LinuxAioState) -> None:
     io_q = s.io_q
     if s._walk_batch:
         # A walk ended by an exception from a callback: what it finished
-        # leaves the ring, what it took but did not finish goes back to
-        # _by_addr for io_getevents below.
+        # leaves the ring; what it looked up but did not finish still owns
+        # its slot, and io_getevents below returns its event again.
         done = s.event_idx
         if done:
             s.ring._hdr[2] = (s.ring._hdr[2] + done) % s.ring.nr
             s.event_idx = s.event_max = 0
-        for laiocb in s._walk_batch[done:]:
-            s._by_addr[laiocb.iocb_addr] = laiocb
         s._walk_batch.clear()
     # Queued requests were never submitted: they are cancelled.
     while io_q.pending:
         laiocb = io_q.pending.popleft()
         io_q.in_queue -= 1
+        _free_slot(s, laiocb)
         laiocb.ret = _ECANCELED
         _process_completion(laiocb)
     while io_q.in_flight > 0:
@@ -1103,7 +1166,8 @@ def _drain_for_cleanup(s: LinuxAioState) -> None:
         if n < 0:
             break
         for i in range(n):
-            laiocb = s._by_addr.pop(s._events_u64[4 * i + 1])
+            laiocb = s._owner[s._events_u64[4 * i]]
+            _free_slot(s, laiocb)
             laiocb.ret = s._events_s64[4 * i + 2]
             io_q.in_flight -= 1
             _process_completion(laiocb)
