@@ -245,6 +245,29 @@ def test_engine_wake_of_coroutine_last_entered_by_another(co_backend, ctx):
     assert log[2:] == ["inner woke again"] and e.terminated
 
 
+def test_greenlet_here_names_the_loop_greenlet_or_false(co_backend, ctx, iothread):
+    """The greenlet a completion loop runs in, for its inlined wakes: the
+    calling greenlet, the same inside and outside a coroutine's own stack;
+    False for the thread backend, for a thread without coroutine state, and
+    for a loop outside the context's home thread."""
+    from pyaioctx.coroutine._core import _greenlet_here
+    lt = _tls.current()
+    here = _greenlet_here(lt, ctx)
+    if co_backend == "greenlet":
+        import greenlet
+        assert here is greenlet.getcurrent()
+        inside = []
+        qemu_coroutine_enter(qemu_coroutine_create(
+            lambda _: inside.append(_greenlet_here(_tls.current(), ctx)), None))
+        assert inside[0] is not here and inside[0] is not False
+    else:
+        assert here is False
+    assert _greenlet_here(None, ctx) is False
+    other = []
+    iothread.run_bh(lambda: other.append(_greenlet_here(_tls.current(), ctx)))
+    assert other == [False]
+
+
 def test_engine_wake_from_other_thread_schedules(co_backend, ctx, iothread):
     """The engines' wake from a thread whose context is not the
     coroutine's schedules it there, as aio_co_wake does."""

@@ -75,8 +75,7 @@ from ..coroutine import qemu_coroutine_self as _coroutine_self
 from ..coroutine import qemu_coroutine_yield as _coroutine_yield
 from ..coroutine import qemu_in_coroutine as _in_coroutine
 from ..coroutine._core import COROUTINE_YIELD as _COROUTINE_YIELD
-from ..coroutine import _core as _co_core
-from ..coroutine._core import _SUSPENDED, _RUNNING, _enter, _leader
+from ..coroutine._core import _SUSPENDED, _RUNNING, _enter, _greenlet_here, _leader
 from ..coroutine._core import _require_coroutine, _wake_unless_entered
 from ..event_notifier import (
     EventNotifier,
@@ -435,7 +434,7 @@ def _walk_ring(s: LinuxAioState) -> bool:
     budget = s.max_in_flight if s.walk_depth == 1 else None
     batch = s._walk_batch
     # This thread's coroutine state, for every wake of this walk; and, at
-    # its first wake, the greenlet this walk runs in (_walk_greenlet),
+    # its first wake, the greenlet this walk runs in (_greenlet_here),
     # which does not change while it runs: a callback returns before the
     # next event.
     lt = getattr(_tls_local, "lt", None)
@@ -503,7 +502,7 @@ def _walk_ring(s: LinuxAioState) -> bool:
                         qemu_aio_unref(laiocb)
                 else:
                     if current is None:
-                        current = _walk_greenlet(lt, ctx)
+                        current = _greenlet_here(lt, ctx)
                     if (co._ret is current and co.caller is None and lt.co is None
                             and co.ctx is ctx and co._state == _SUSPENDED
                             and co.scheduled is None):
@@ -528,17 +527,6 @@ def _walk_ring(s: LinuxAioState) -> bool:
                 laiocb.ret = ret
                 _process_completion(laiocb)
             idx = s.event_idx
-
-
-def _walk_greenlet(lt: Any, ctx: Optional[AioContext]) -> Any:
-    # The greenlet a completion walk runs in, for its inlined wakes; False
-    # when they cannot apply (no coroutine state in this thread, another
-    # context's thread, or the thread backend), so that every wake takes
-    # _wake_unless_entered.  False is no coroutine's _ret.
-    if lt is None or lt.ctx is not ctx:
-        return False
-    greenlet_current = _co_core._active.greenlet_current  # type: ignore[union-attr]
-    return greenlet_current() if greenlet_current is not None else False
 
 
 def _process_completions_syscall(s: LinuxAioState) -> None:

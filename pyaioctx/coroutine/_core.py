@@ -578,6 +578,19 @@ def aio_co_wake(co: Coroutine) -> None:
     aio_co_enter(co.ctx, co)
 
 
+def _greenlet_here(lt: Any, ctx: Any) -> Any:
+    # For a completion loop that inlines _wake_unless_entered's common case
+    # (the Linux AIO walk): the greenlet it runs in, which stays the same
+    # while it runs.  False when the inlined case cannot apply -- no
+    # coroutine state in this thread (lt None), a loop in a thread that is
+    # not ctx's home, the thread backend -- so that every wake takes
+    # _wake_unless_entered.  False is no coroutine's _ret.
+    if lt is None or lt.ctx is not ctx:
+        return False
+    greenlet_current = _active.greenlet_current  # type: ignore[union-attr]
+    return greenlet_current() if greenlet_current is not None else False
+
+
 def _wake_unless_entered(co: Coroutine, lt: Any = None) -> None:
     # ``if (!qemu_coroutine_entered(co)) aio_co_wake(co)`` for the I/O
     # engines' completion paths, where ``co`` is known to be a Coroutine:
