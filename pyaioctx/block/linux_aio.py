@@ -474,7 +474,12 @@ def _walk_ring(s: LinuxAioState) -> bool:
         elif have < n:
             batch.extend(map(owner.__getitem__, u64[base + 4 * have:base + 4 * n:4].tolist()))
         idx = 0
-        while idx < s.event_max:
+        # CPython 3.11 specializes a compare only when a short jump follows
+        # it: every jump over a long block (this loop's test at its top,
+        # the full-transfer test below) is written as a short one.
+        while True:
+            if idx >= s.event_max:
+                break
             laiocb = batch[idx]
             ret = s64[base + 4 * idx + 2]  # its cache line came with aio_data
             slot = laiocb.iocb
@@ -487,45 +492,45 @@ def _walk_ring(s: LinuxAioState) -> bool:
             # re-read after it.
             io_q.in_flight -= 1
             s.event_idx = idx = idx + 1
-            if ret == laiocb.nbytes:
-                # _process_completion's common case, inlined: a full
-                # transfer.
-                laiocb.ret = 0
-                laiocb.done = True
-                laiocb.qiov = None
-                co = laiocb.co
-                if co is None:
-                    laiocb.cb(laiocb.opaque, 0)
-                    if laiocb.refcnt > 0:
-                        laiocb.refcnt -= 1
-                    else:
-                        qemu_aio_unref(laiocb)
-                else:
-                    if current is None:
-                        current = _greenlet_here(lt, ctx)
-                    if (co._ret is current and co.caller is None and lt.co is None
-                            and co.ctx is ctx and co._state == _SUSPENDED
-                            and co.scheduled is None):
-                        # _wake_unless_entered's common case, inlined: a
-                        # suspended greenlet coroutine, parked by this
-                        # greenlet, woken from outside any coroutine in its
-                        # own context.  Switching from this walk's frame,
-                        # not from a helper's, also spares greenlet a new
-                        # frame object for every wake.
-                        co.caller = lt.leader or _leader(lt)
-                        co._state = _RUNNING
-                        lt.co = co
-                        ret = co._impl.switch()
-                        lt.co = None
-                        if ret is _COROUTINE_YIELD and not co.co_queue_wakeup:
-                            co._state = _SUSPENDED
-                        else:
-                            _enter(lt, ctx, co, ret)
-                    else:
-                        _wake_unless_entered(co, lt)
-            else:
+            if ret != laiocb.nbytes:
                 laiocb.ret = ret
                 _process_completion(laiocb)
+                idx = s.event_idx
+                continue
+            # _process_completion's common case, inlined: a full transfer.
+            laiocb.ret = 0
+            laiocb.done = True
+            laiocb.qiov = None
+            co = laiocb.co
+            if co is None:
+                laiocb.cb(laiocb.opaque, 0)
+                if laiocb.refcnt > 0:
+                    laiocb.refcnt -= 1
+                else:
+                    qemu_aio_unref(laiocb)
+            else:
+                if current is None:
+                    current = _greenlet_here(lt, ctx)
+                if (co._ret is current and co.caller is None and lt.co is None
+                        and co.ctx is ctx and co._state == _SUSPENDED
+                        and co.scheduled is None):
+                    # _wake_unless_entered's common case, inlined: a
+                    # suspended greenlet coroutine, parked by this
+                    # greenlet, woken from outside any coroutine in its
+                    # own context.  Switching from this walk's frame,
+                    # not from a helper's, also spares greenlet a new
+                    # frame object for every wake.
+                    co.caller = lt.leader or _leader(lt)
+                    co._state = _RUNNING
+                    lt.co = co
+                    ret = co._impl.switch()
+                    lt.co = None
+                    if ret is _COROUTINE_YIELD and not co.co_queue_wakeup:
+                        co._state = _SUSPENDED
+                    else:
+                        _enter(lt, ctx, co, ret)
+                else:
+                    _wake_unless_entered(co, lt)
             idx = s.event_idx
 
 
@@ -861,10 +866,14 @@ def laio_co_submit_direct(bs: Any, s: LinuxAioState, fd: int, offset: int,
     co = lt.co if lt is not None else None
     if co is None:
         _require_coroutine("laio_co_submit")  # raises
+    # is_read from the branch: a compare whose result is stored, not
+    # jumped on, is never specialized by CPython 3.11.
     if type == QEMU_AIO_READ:
         op = _CMD_PREADV
+        is_read = True
     elif type == QEMU_AIO_WRITE:
         op = _CMD_PWRITEV
+        is_read = False
     else:
         return laio_co_submit(bs, s, fd, offset, qiov, type)
     if _iocb_pack is None:  # pragma: no cover - big-endian hosts
@@ -886,7 +895,7 @@ def laio_co_submit_direct(bs: Any, s: LinuxAioState, fd: int, offset: int,
     laiocb.ret = _EINPROGRESS
     laiocb.nbytes = qiov.size
     laiocb.qiov = qiov
-    laiocb.is_read = op == _CMD_PREADV
+    laiocb.is_read = is_read
     laiocb.done = False
     # _take_slot, inlined.
     free = s._free_iocbs
@@ -976,12 +985,16 @@ def laio_submit_direct(bs: Any, s: LinuxAioState, fd: int, offset: int, qiov: QE
     _laio_do_submit's.  ``fd`` must be an open descriptor, as for
     :func:`laio_co_submit_direct`.
     """
+    # is_read from the branch (see laio_co_submit_direct).
     if type == QEMU_AIO_READ:
         op = _CMD_PREADV
+        is_read = True
     elif type == QEMU_AIO_WRITE:
         op = _CMD_PWRITEV
+        is_read = False
     else:
         op = 0
+        is_read = False
     laiocb = _new_laiocb(QemuLaiocb)
     laiocb.aiocb_info = _info
     laiocb.bs = bs
@@ -993,7 +1006,7 @@ def laio_submit_direct(bs: Any, s: LinuxAioState, fd: int, offset: int, qiov: QE
     laiocb.ret = _EINPROGRESS
     laiocb.nbytes = qiov.size
     laiocb.qiov = qiov
-    laiocb.is_read = op == _CMD_PREADV
+    laiocb.is_read = is_read
     laiocb.done = False
     if not op or _iocb_pack is None:  # pragma: no cover - big-endian hosts
         laiocb.iocb = None
