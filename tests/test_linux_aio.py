@@ -151,15 +151,20 @@ def test_iocb_slots_carry_their_number_and_come_back(ctx, image):
     assert set(res.values()) == {0} and len(s._iocbs) == n and _slots_all_free(s)
 
 
+def _plugged_reads(s, fd, n, res):
+    # Plug, then queue n one-block reads whose callbacks log (i, ret) in res.
+    L.laio_io_plug(None, s)
+    return [L.laio_submit(None, s, fd, i * 8, QEMUIOVector(_buf()), 8,
+                          lambda i, r: res.append((i, r)), i, QEMU_AIO_READ) for i in range(n)]
+
+
 def test_cancelled_and_failed_requests_free_their_slots(ctx, image):
     """A request cancelled while queued and one the kernel refuses (bad fd)
     give their slots back, exactly once."""
     fd, _, _ = image
     s = L.aio_setup_linux_aio(ctx)
     res = []
-    L.laio_io_plug(None, s)
-    acbs = [L.laio_submit(None, s, fd, i * 8, QEMUIOVector(_buf()), 8,
-                          lambda i, r: res.append((i, r)), i, QEMU_AIO_READ) for i in range(3)]
+    acbs = _plugged_reads(s, fd, 3, res)
     acbs.append(L.laio_submit(None, s, 987654, 0, QEMUIOVector(_buf()), 8,
                               lambda i, r: res.append((i, r)), 3, QEMU_AIO_READ))
     q.bdrv_aio_cancel(acbs[1])
@@ -472,9 +477,7 @@ def test_cancel_queued_request(ctx, image):
     fd, _, _ = image
     s = L.aio_setup_linux_aio(ctx)
     res = []
-    L.laio_io_plug(None, s)
-    acbs = [L.laio_submit(None, s, fd, i * 8, QEMUIOVector(_buf()), 8,
-                          lambda i, r: res.append((i, r)), i, QEMU_AIO_READ) for i in range(4)]
+    acbs = _plugged_reads(s, fd, 4, res)
     q.bdrv_aio_cancel_async(acbs[1])
     assert res == []  # never inside cancel_async
     q.bdrv_aio_cancel(acbs[2])  # synchronous: callback has run on return
