@@ -671,9 +671,9 @@ def _ioq_submit(s: LinuxAioState) -> None:
             break
         room = nr_events - io_q.in_flight
         n = len(pending)
-        # A batch's bookkeeping runs in C (islice, map, slice assignment,
-        # dict.update): per request it is the largest part of this loop.
-        # A single request (queue depth 1) skips building those lists.
+        # A batch's iocb pointers are gathered in C (islice, map, slice
+        # assignment): per request it is the largest part of this loop.
+        # A single request (queue depth 1) skips building the list.
         if n == 1:
             iocbpp[0] = pending[0].iocb_addr
         else:

@@ -597,6 +597,8 @@ def _wake_unless_entered(co: Coroutine, lt: Any = None) -> None:
     # one call instead of five on every request of the coroutine path.
     # ``lt`` is the calling thread's state if the caller has it (a
     # completion walk reads it once for all of its requests).
+    # The Linux AIO walk (_walk_ring) inlines the greenlet case below, with
+    # the same conditions: a change here goes there too.
     if co.caller is not None:
         return
     if lt is None:
